@@ -1,0 +1,39 @@
+# lipapers: `make repro` and `make test` do all set-up on a fresh machine (Python 3.11, pip, apt).
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.lipapers-installed
+APT_PKGS := chromium dataset-fashion-mnist
+export TRITON_INTERPRET ?= 1
+
+.PHONY: setup repro test lab docs export clean-nbs
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt requirements-nodeps.txt setup.py settings.ini
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python -m pip install -q --no-deps -r requirements-nodeps.txt
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	@missing=$$(for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "missing apt packages: $$missing (run: sudo apt-get install -y $$missing)"; exit 1; fi; fi
+	@touch $(STAMP)
+
+repro: setup
+	$(BIN)/lipapers repro
+
+test: setup
+	$(BIN)/python -m pytest -n 2 tests
+
+lab: setup
+	$(BIN)/lipapers lab
+
+docs: setup
+	$(BIN)/python -m lipapers.docs
+
+export: setup
+	$(BIN)/nbdev_export && $(BIN)/nbdev_clean
