@@ -1,0 +1,203 @@
+"""Tests for lipapers.alphapo: AlphaPO / SimPO / DPO losses, the sequence log-prob masking, the gold reward.
+
+Tolerances: float64 comparisons use assert_close defaults for float64 (rtol 1e-7, atol 1e-7) unless stated;
+float32 ones use the float32 defaults (rtol 1.3e-6, atol 1e-5). The losses compute the (B,)-sized reward arithmetic
+in float64 internally, so float32 outputs are the float64 result rounded once.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lipapers.alphapo import alpha_reward, alphapo_loss, dpo_loss, simpo_loss
+
+ALPHAS = [-1.0, -0.5, 0.0, 0.25, 0.5, 1.0]
+
+
+def _naive_reward64(logps, alpha):
+    """TRL's form (1 - exp(l)^(-alpha)) / alpha, evaluated in float64: an independent reference for moderate values."""
+    x = logps.double()
+    return x if alpha == 0 else (1 - x.exp().pow(-alpha)) / alpha
+
+
+def _ref_loss64(lw, ll, alpha, beta, gamma, eps=0.0):
+    z = beta * (_naive_reward64(lw, alpha) - _naive_reward64(ll, alpha)) - gamma
+    return -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
+
+
+# ---------------------------------------------------------------- hand-computed examples
+def test_hand_computed_example():
+    # l_w=-1, l_l=-2, alpha=1, beta=2, gamma=0.5: r_w = 1-e, r_l = 1-e^2, z = 2(e^2 - e) - 0.5
+    z = 2 * (math.e**2 - math.e) - 0.5
+    loss, rw, rl = alphapo_loss(torch.tensor([-1.0], dtype=torch.float64), torch.tensor([-2.0], dtype=torch.float64), 1.0, 2.0, 0.5)
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-z)), rel=1e-12)
+    assert rw.item() == pytest.approx(2 * (1 - math.e), rel=1e-12)
+    assert rl.item() == pytest.approx(2 * (1 - math.e**2), rel=1e-12)
+    # alpha=-0.5, l_w=-0.4, l_l=-0.2 (chosen is LESS likely: negative margin), beta=3, gamma=0.1, eps=0.2
+    r = lambda l: (1 - math.exp(0.5 * l)) / -0.5  # (1 - e^{-alpha l}) / alpha at alpha=-0.5
+    z = 3 * (r(-0.4) - r(-0.2)) - 0.1
+    want = -(0.8) * math.log(1 / (1 + math.exp(-z))) - 0.2 * math.log(1 / (1 + math.exp(z)))
+    got = alphapo_loss(torch.tensor([-0.4], dtype=torch.float64), torch.tensor([-0.2], dtype=torch.float64), -0.5, 3.0, 0.1, 0.2)[0]
+    assert got.item() == pytest.approx(want, rel=1e-12)
+    assert z < 0 and got.item() > math.log(2)
+
+
+def test_equal_rewards_zero_gamma_is_log2():
+    x = torch.tensor([-0.3, -2.0, -7.5])
+    for a in ALPHAS:
+        torch.testing.assert_close(alphapo_loss(x, x.clone(), a, 2.5, 0.0)[0], torch.full((3,), math.log(2)))
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+@pytest.mark.parametrize("B", [1, 7, 33])
+def test_matches_naive_float64_reference(alpha, B):
+    g = torch.Generator().manual_seed(B)
+    lw, ll = -torch.rand(B, generator=g, dtype=torch.float64) * 5, -torch.rand(B, generator=g, dtype=torch.float64) * 5
+    torch.testing.assert_close(alphapo_loss(lw, ll, alpha, 2.5, 0.3, 0.1)[0], _ref_loss64(lw, ll, alpha, 2.5, 0.3, 0.1))
+    # float32 input: the float64 result rounded once
+    out32 = alphapo_loss(lw.float(), ll.float(), alpha, 2.5, 0.3, 0.1)[0]
+    assert out32.dtype == torch.float32
+    torch.testing.assert_close(out32, _ref_loss64(lw.float().double(), ll.float().double(), alpha, 2.5, 0.3, 0.1).float())
+
+
+# ---------------------------------------------------------------- limits
+def test_alpha_zero_equals_simpo_and_limit_is_continuous():
+    g = torch.Generator().manual_seed(0)
+    lw, ll = -torch.rand(64, generator=g) * 4, -torch.rand(64, generator=g) * 4
+    simpo = -F.logsigmoid(2.5 * (lw.double() - ll.double()) - 0.1).float()  # SimPO written out independently
+    torch.testing.assert_close(alphapo_loss(lw, ll, 0.0, 2.5, 0.1)[0], simpo, rtol=0, atol=0)
+    torch.testing.assert_close(simpo_loss(lw, ll, 2.5, 0.1)[0], simpo, rtol=0, atol=0)
+    # alpha -> 0 reaches SimPO to float32 precision (TRL's exp().pow() form does not: 1 - p^-a cancels)
+    for a in (1e-8, -1e-8):
+        torch.testing.assert_close(alphapo_loss(lw, ll, a, 2.5, 0.1)[0], simpo)
+    # continuity: r_a = l - a l^2/2 + O(a^2), so |loss_a - loss_0| <= beta*|a|*max(l^2) (sigmoid is 1-Lipschitz)
+    for a in (1e-6, -1e-4, 1e-3, -1e-2):
+        gap = (alphapo_loss(lw.double(), ll.double(), a, 2.5, 0.1)[0] - simpo.double()).abs().max().item()
+        assert gap <= 2.5 * abs(a) * 16 + 1e-6, (a, gap)
+        assert gap > 0 or abs(a) < 1e-5
+    # and the rewards themselves: |r_a - l| <= |a| l^2 / 2 * (1 + o(1))
+    r = alpha_reward(lw.double(), 1e-3)
+    assert ((r - lw.double()).abs() <= 1e-3 * lw.double() ** 2 / 2 * 1.01).all()
+
+
+def test_dpo_policy_equals_reference_is_exactly_log2():
+    g = torch.Generator().manual_seed(1)
+    for dt in (torch.float32, torch.float64):
+        pc, pr = (-torch.rand(9, generator=g) * 80).to(dt), (-torch.rand(9, generator=g) * 80).to(dt)
+        loss, rw, rl = dpo_loss(pc, pr, pc.clone(), pr.clone(), beta=0.1)
+        assert torch.equal(loss, torch.full((9,), math.log(2), dtype=dt))
+        assert torch.equal(rw, torch.zeros(9, dtype=dt)) and torch.equal(rl, torch.zeros(9, dtype=dt))
+
+
+def test_dpo_hand_computed_and_label_smoothing():
+    # h_w = -10 - (-12) = 2, h_l = -20 - (-19) = -1, beta 0.5: z = 1.5
+    t = lambda v: torch.tensor([v], dtype=torch.float64)
+    loss = dpo_loss(t(-10.0), t(-20.0), t(-12.0), t(-19.0), 0.5)[0]
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-1.5)), rel=1e-12)
+    loss = dpo_loss(t(-10.0), t(-20.0), t(-12.0), t(-19.0), 0.5, label_smoothing=0.25)[0]
+    assert loss.item() == pytest.approx(0.75 * math.log1p(math.exp(-1.5)) + 0.25 * math.log1p(math.exp(1.5)), rel=1e-12)
+
+
+def test_simpo_nll_term():
+    lw, ll = torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -1.0])
+    base = simpo_loss(lw, ll, 2.0, 0.5)[0]
+    torch.testing.assert_close(simpo_loss(lw, ll, 2.0, 0.5, nll_weight=0.3)[0], base + 0.3 * torch.tensor([1.0, 2.0]))
+
+
+# ---------------------------------------------------------------- gradients
+@pytest.mark.parametrize("alpha", ALPHAS + [3.0, -3.0])
+def test_gradcheck_alphapo(alpha):
+    g = torch.Generator().manual_seed(2)
+    lw = (-torch.rand(5, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    ll = (-torch.rand(5, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: alphapo_loss(a, b, alpha, 2.5, 0.2, 0.1)[0], (lw, ll))
+    assert torch.autograd.gradgradcheck(lambda a, b: alphapo_loss(a, b, alpha, 2.5, 0.2)[0], (lw, ll))
+
+
+def test_gradcheck_simpo_dpo():
+    g = torch.Generator().manual_seed(3)
+    xs = [(-torch.rand(4, generator=g, dtype=torch.float64) * 30).requires_grad_() for _ in range(4)]
+    assert torch.autograd.gradcheck(lambda a, b, c, d: dpo_loss(a, b, c, d, 0.1, 0.1)[0], tuple(xs))
+    assert torch.autograd.gradcheck(lambda a, b: simpo_loss(a / 10, b / 10, 2.0, 0.3, 0.0, 0.5)[0], tuple(xs[:2]))
+
+
+@pytest.mark.parametrize("alpha", ALPHAS + [2.0])
+def test_reward_derivative_identity(alpha):
+    # dr_a/dl = e^{-a l}: AlphaPO re-weights SimPO's per-response gradient by e^{a|l|}
+    lv = torch.linspace(-6, -0.01, 50, dtype=torch.float64).requires_grad_()
+    (grad,) = torch.autograd.grad(alpha_reward(lv, alpha).sum(), lv)
+    torch.testing.assert_close(grad, torch.exp(-alpha * lv.detach()))
+
+
+def test_loss_gradient_is_reweighted_simpo_gradient():
+    lw = torch.tensor([-0.5, -2.0, -4.0], dtype=torch.float64, requires_grad=True)
+    ll = torch.tensor([-1.0, -1.0, -5.0], dtype=torch.float64, requires_grad=True)
+    a, beta, gamma = 0.5, 2.0, 0.1
+    alphapo_loss(lw, ll, a, beta, gamma)[0].sum().backward()
+    rw, rl = alpha_reward(lw.detach(), a), alpha_reward(ll.detach(), a)
+    s = torch.sigmoid(-(beta * (rw - rl) - gamma))  # -dL/dz
+    torch.testing.assert_close(lw.grad, -beta * s * torch.exp(-a * lw.detach()))
+    torch.testing.assert_close(ll.grad, beta * s * torch.exp(-a * ll.detach()))
+
+
+# ---------------------------------------------------------------- numerics at the edges
+def test_no_overflow_for_large_alpha_l():
+    # -alpha*l = 240: exp overflows float32 (TRL's exp(l).pow(-alpha) form gives inf - inf = nan here)
+    lw, ll = torch.tensor([-120.0, -60.0]), torch.tensor([-120.0, -60.5])
+    naive = (1 - lw.exp().pow(-2.0)) / 2 - (1 - ll.exp().pow(-2.0)) / 2
+    assert not torch.isfinite(naive).all()
+    lw.requires_grad_()
+    loss = alphapo_loss(lw, ll, 2.0, 1e-60, 0.0)[0]
+    assert torch.isfinite(loss).all()
+    assert loss[0].item() == pytest.approx(math.log(2), rel=1e-6)  # equal rewards → log 2, not nan
+    # alpha < 0: bounded reward, fine for any finite l
+    out = alphapo_loss(torch.tensor([-1e4, -3.0]), torch.tensor([-2e4, -1e5]), -1.0, 2.5, 0.1)
+    assert all(torch.isfinite(t).all() for t in out)
+    torch.testing.assert_close(alpha_reward(torch.tensor([-1e4]), -1.0), torch.tensor([-1.0]))
+    with pytest.raises(ValueError, match="overflow"):
+        alphapo_loss(torch.tensor([-800.0]), torch.tensor([-1.0]), 1.0, 1.0, 0.0)
+
+
+def test_small_alpha_precision_vs_trl_form():
+    # TRL's (1 - p^-a)/a loses precision as a → 0 in float32; the expm1 form keeps it
+    lw = torch.tensor([-1.3])
+    exact = alpha_reward(lw.double(), 1e-6)
+    ours = alpha_reward(lw, 1e-6)
+    trl = (1 - lw.exp().pow(-1e-6)) / 1e-6
+    assert abs(ours.item() - exact.item()) < 1e-6 < abs(trl.item() - exact.item())
+
+
+# ---------------------------------------------------------------- bad inputs
+@pytest.mark.parametrize(
+    "args, err, match",
+    [
+        ((torch.zeros(3), torch.zeros(2), 0.5, 1.0, 0.0), ValueError, "shape mismatch"),
+        ((torch.zeros(3, 1), torch.zeros(3, 1), 0.5, 1.0, 0.0), ValueError, r"shape \(B,\)"),
+        ((torch.zeros(0), torch.zeros(0), 0.5, 1.0, 0.0), ValueError, "B >= 1"),
+        ((torch.zeros(3), torch.zeros(3), 0.5, 0.0, 0.0), ValueError, "beta must be > 0"),
+        ((torch.zeros(3), torch.zeros(3), 0.5, -2.0, 0.0), ValueError, "beta must be > 0"),
+        ((torch.tensor([0.0, float("nan")]), torch.zeros(2), 0.5, 1.0, 0.0), ValueError, "non-finite"),
+        ((torch.zeros(2), torch.tensor([-float("inf"), 0.0]), 0.5, 1.0, 0.0), ValueError, "non-finite"),
+        ((torch.zeros(2), torch.zeros(2), float("nan"), 1.0, 0.0), ValueError, "alpha must be finite"),
+        ((torch.zeros(2), torch.zeros(2), 0.5, 1.0, 0.0, 0.5), ValueError, "label_smoothing"),
+        ((torch.zeros(2, dtype=torch.long), torch.zeros(2), 0.5, 1.0, 0.0), TypeError, "floating"),
+        (([0.0, 1.0], torch.zeros(2), 0.5, 1.0, 0.0), TypeError, "torch.Tensor"),
+        ((torch.zeros(2), torch.zeros(2), "0.5", 1.0, 0.0), TypeError, "alpha must be a real number"),
+    ],
+)
+def test_bad_inputs_alphapo(args, err, match):
+    with pytest.raises(err, match=match):
+        alphapo_loss(*args)
+
+
+def test_bad_inputs_dpo_simpo():
+    z = torch.zeros(3)
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        dpo_loss(z, z, z, z, beta=0.0)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        dpo_loss(z, z, z, torch.zeros(4), beta=0.1)
+    with pytest.raises(ValueError, match="non-finite"):
+        dpo_loss(z, z, torch.tensor([0.0, float("inf"), 0.0]), z, beta=0.1)
+    with pytest.raises(ValueError, match="nll_weight"):
+        simpo_loss(z, z, 1.0, 0.0, nll_weight=-1.0)
