@@ -42,7 +42,10 @@ def _triton(name):
     """Import kernels/<name>.py on first use; on a machine without CUDA switch Triton to its interpreter first."""
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    return importlib.import_module(f"{__name__}.{name}")
+    public = {k: globals()[k] for k in __all__}
+    mod = importlib.import_module(f"{__name__}.{name}")
+    globals().update(public)  # importing kernels/rms_norm.py sets the package attribute `rms_norm`: restore the function
+    return mod
 
 
 def _check_float(name, t, backend):
