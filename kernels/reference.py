@@ -226,7 +226,8 @@ def jsd(input, target, label=None, beta=0.5, ignore_index=-100):
     beta = 0 -> forward KL(P || Q), beta = 1 -> reverse KL(Q || P). Summed over V, averaged over the rows
     whose `label` != ignore_index (all rows if label is None; 0 if none is valid).
     """
-    x, y = input.float(), target.float()
+    dt = torch.float64 if input.dtype == torch.float64 else torch.float32
+    x, y = input.to(dt), target.to(dt)
     if beta == 0.0:
         rows = (y.exp() * (y - x)).sum(-1)
     elif beta == 1.0:
