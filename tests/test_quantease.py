@@ -1,0 +1,295 @@
+"""Tests for lipapers.quantease: grids, RTN, GPTQ, QuantEase (+ outliers, GPTQ-init) and the layer-wise driver.
+
+Tolerances: float32 everywhere. Grid membership is checked to 1e-5 of the step size; objective monotonicity allows a
+relative slack of 1e-6 (float32 summation order); GPTQ(identity H) == RTN is exact (no error is propagated)."""
+import pytest
+import torch
+
+from lipapers.quantease import (
+    SUPPORTED_BITS, gptq_quantease, gptq_quantize, grid_dequantize, grid_quantize, grid_round, layer_error,
+    make_grid, on_grid, quantease, quantease_outliers, rel_error, rtn_quantize,
+)
+
+torch.set_num_threads(1)
+
+
+def correlated(q=24, p=40, n=300, seed=0, rho=0.8):
+    "Random layer W (q, p) and H = XXᵀ of inputs with strongly correlated channels."
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(q, p, generator=g)
+    A = rho * torch.randn(p, 4, generator=g) @ torch.randn(4, n, generator=g)  # low-rank shared factors
+    X = A + (1 - rho) * torch.randn(p, n, generator=g) + 0.3 * torch.randn(p, 1, generator=g)
+    X = X * torch.rand(p, 1, generator=g).add(0.2)  # unequal channel scales
+    return W, X @ X.T
+
+
+def brute_rtn(W, bits):
+    "Independent per-row RTN: nearest of the 2^b grid points by exhaustive search."
+    out = torch.empty_like(W)
+    for r in range(W.shape[0]):
+        lo, hi = min(W[r].min().item(), 0.0), max(W[r].max().item(), 0.0)
+        s = (hi - lo) / (2**bits - 1)
+        z = round(-lo / s)
+        pts = s * (torch.arange(2**bits, dtype=torch.float32) - z)
+        out[r] = pts[(W[r, :, None] - pts).abs().argmin(-1)]
+    return out
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_rtn_equals_grid_rounding_and_brute_force(bits):
+    W, _ = correlated(q=7, p=13, seed=bits)
+    g = make_grid(W, bits)
+    torch.testing.assert_close(rtn_quantize(W, bits), grid_round(W, g), rtol=0, atol=0)
+    torch.testing.assert_close(rtn_quantize(W, bits), brute_rtn(W, bits), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("group_size,mse", [(None, False), (8, False), (None, True), (8, True)])
+def test_every_method_on_grid(group_size, mse):
+    W, H = correlated(q=10, p=32, seed=1)
+    g = make_grid(W, 3, group_size=group_size, mse=mse)
+    kw = dict(grid=g)
+    for What in [rtn_quantize(W, 3, **kw), gptq_quantize(W, H, 3, **kw), gptq_quantize(W, H, 3, act_order=True, **kw),
+                 quantease(W, H, 3, iters=7, **kw), gptq_quantease(W, H, 3, iters=3, **kw)]:
+        assert on_grid(What, g).all()
+        codes = grid_quantize(What, g)
+        assert codes.min() >= 0 and codes.max() <= 2**3 - 1
+
+
+def test_mse_grid_not_worse_than_minmax():
+    W, _ = correlated(q=16, p=64, seed=2)
+    W[:, 0] *= 8  # an outlier column stretches the min-max range
+    e = lambda g: ((grid_round(W, g) - W) ** 2).sum(1)
+    assert (e(make_grid(W, 3, mse=True)) <= e(make_grid(W, 3)) + 1e-6).all()
+
+
+def test_quantize_dequantize_round_trip():
+    W, _ = correlated(q=9, p=24, seed=3)
+    g = make_grid(W, 4, group_size=6)
+    Q = grid_quantize(W, g)
+    assert torch.equal(Q, Q.round()) and Q.min() >= 0 and Q.max() <= 15
+    Wq = grid_dequantize(Q, g)
+    torch.testing.assert_close(grid_quantize(Wq, g), Q, rtol=0, atol=0)  # codes survive a round trip
+    torch.testing.assert_close(grid_round(Wq, g), Wq, rtol=0, atol=1e-6)  # grid points are fixed points
+    assert ((Wq - W).abs() <= g.expand(24)[0] / 2 + 1e-6).all()  # inside the range: error ≤ s/2
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_gptq_identity_H_equals_rtn(bits):
+    W, _ = correlated(q=12, p=300, seed=bits)  # p > block_size: crosses a lazy-batch boundary
+    p = W.shape[1]
+    for act_order in (False, True):
+        torch.testing.assert_close(gptq_quantize(W, torch.eye(p), bits, act_order=act_order), rtn_quantize(W, bits),
+                                   rtol=0, atol=0)
+
+
+def test_gptq_lazy_batches_match_unblocked():
+    W, H = correlated(q=8, p=50, seed=4)
+    torch.testing.assert_close(gptq_quantize(W, H, 3, block_size=7), gptq_quantize(W, H, 3, block_size=50),
+                               rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits,seed", [(2, 0), (3, 1), (4, 2), (3, 3)])
+def test_quantease_beats_rtn_and_gptq_init_never_worse(bits, seed):
+    W, H = correlated(seed=seed)
+    rtn, gq = rtn_quantize(W, bits), gptq_quantize(W, H, bits)
+    qe, gqe = quantease(W, H, bits, iters=15), gptq_quantease(W, H, bits, iters=4)
+    assert layer_error(W, qe, H) <= layer_error(W, rtn, H)
+    assert layer_error(W, gqe, H) <= layer_error(W, gq, H) * (1 + 1e-6)
+    assert layer_error(W, qe, H) < 0.8 * layer_error(W, rtn, H)  # not just "no worse": clearly better here
+
+
+def test_quantease_block_size_does_not_change_result():
+    W, H = correlated(seed=5)
+    torch.testing.assert_close(quantease(W, H, 3, iters=4, block_size=5), quantease(W, H, 3, iters=4, block_size=128),
+                               rtol=0, atol=1e-5)
+
+
+def _single_column_reference(W, H, bits, j, What):
+    "Brute force: best grid value of column j given the other columns (each row separately)."
+    g = make_grid(W, bits)
+    s, z = g.scale[:, 0], g.zero[:, 0]
+    best = What.clone()
+    for r in range(W.shape[0]):
+        pts = s[r] * (torch.arange(2**bits, dtype=torch.float32) - z[r])
+        errs = []
+        for v in pts:
+            cand = What.clone(); cand[r, j] = v
+            errs.append(layer_error(W, cand, H))
+        best[r, j] = pts[int(torch.tensor(errs).argmin())]
+    return best
+
+
+def test_one_column_update_is_exact_block_minimiser():
+    W, H = correlated(q=5, p=6, seed=6)
+    start = rtn_quantize(W, 2)
+    # one quantized sweep visiting columns in order: its first column update is the exact minimiser over the grid
+    out = quantease(W, H, 2, iters=1, init=start, act_order=False, relax=False, block_size=1)
+    ref = _single_column_reference(W, H, 2, 0, start)
+    torch.testing.assert_close(out[:, 0], ref[:, 0], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_objective_monotone_over_quantized_sweeps(bits):
+    W, H = correlated(seed=7)
+    hist = []
+    quantease(W, H, bits, iters=12, history=hist)
+    assert [h[1] for h in hist[1:]] == [not (i % 3 == 1 and i < 12) for i in range(1, 13)]  # the relaxed schedule
+    for (i0, q0, f0), (i1, q1, f1) in zip(hist, hist[1:]):
+        if q0 and q1 and i0 > 0: assert f1 <= f0 * (1 + 1e-6) + 1e-6, (i0, f0, f1)
+        if not q1: assert f1 <= f0 * (1 + 1e-6) + 1e-6  # a relaxed sweep is also exact CD (continuous)
+    h2 = []
+    gptq_quantease(W, H, bits, iters=6, history=h2)
+    fs = [h[2] for h in h2]
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(fs, fs[1:]))
+
+
+def test_outliers_count_grid_and_gain():
+    W, H = correlated(q=20, p=50, seed=8)
+    W[3, 7] = 25.0; W[11, 40] = -30.0  # two planted outliers
+    hist = []
+    Q, S = quantease_outliers(W, H, 3, outlier_frac=0.02, iters=9, history=hist)
+    k = round(0.02 * W.numel())
+    assert int((S != 0).sum()) == k
+    assert S[3, 7] != 0 and S[11, 40] != 0
+    g = make_grid(W - torch.where(S != 0, W, 0), 3)
+    assert on_grid(Q, g).all()
+    plain = quantease(W, H, 3, iters=9)
+    assert layer_error(W, Q + S, H) < layer_error(W, plain, H)
+    q = [h for h in hist[1:] if h[1]]
+    fs = [h[2] for h in q]
+    assert fs[-1] <= fs[0]
+    Q0, S0 = quantease_outliers(W, H, 3, outlier_frac=0.0, iters=3)
+    assert not S0.any()
+
+
+def test_zero_and_constant_columns_and_rows():
+    W, H = correlated(q=8, p=20, seed=9)
+    W[:, 2] = 0.0; W[:, 5] = 0.37; W[4] = 0.0; W[6] = -1.5  # zero / constant columns, zero / constant rows
+    H[3, :] = 0; H[:, 3] = 0  # a dead input channel
+    g = make_grid(W, 3)
+    for What in [rtn_quantize(W, 3), gptq_quantize(W, H, 3), quantease(W, H, 3, iters=4),
+                 quantease_outliers(W, H, 3, 0.01, iters=3)[0]]:
+        assert torch.isfinite(What).all()
+        assert torch.equal(What[4], torch.zeros(20))  # zero row stays exactly zero (0 is on every grid)
+    assert on_grid(quantease(W, H, 3, iters=4), g).all()
+    torch.testing.assert_close(rtn_quantize(W, 3)[6], torch.full((20,), -1.5))  # constant row is representable
+
+
+def test_singular_H_handled_by_damping():
+    g = torch.Generator().manual_seed(10)
+    W, X = torch.randn(6, 30, generator=g), torch.randn(30, 5, generator=g)  # rank 5 < p = 30
+    H = X @ X.T
+    What = gptq_quantize(W, H, 4)
+    assert torch.isfinite(What).all() and on_grid(What, make_grid(W, 4)).all()
+    assert layer_error(W, What, H) <= layer_error(W, rtn_quantize(W, 4), H) * 1.05
+    assert torch.isfinite(quantease(W, H, 4, iters=3)).all()
+    with pytest.raises(ValueError, match="damp"):
+        gptq_quantize(W, H, 4, damp=0.0)
+    assert torch.equal(gptq_quantize(W, torch.zeros(30, 30), 4), rtn_quantize(W, 4))  # all-dead H: plain rounding
+
+
+def test_bad_inputs_raise_clear_errors():
+    W, H = correlated(q=4, p=8, seed=11)
+    for bad in (1, 7, 16, 3.0, True):
+        with pytest.raises(ValueError, match="bits must be one of"):
+            rtn_quantize(W, bad)
+    assert 3 in SUPPORTED_BITS
+    with pytest.raises(ValueError, match=r"H must be \(p, p\)"):
+        quantease(W, H[:7, :7], 3)
+    with pytest.raises(ValueError, match=r"H must be \(p, p\)"):
+        gptq_quantize(W, torch.eye(9), 3)
+    with pytest.raises(ValueError, match="2-D"):
+        rtn_quantize(W[0], 3)
+    with pytest.raises(ValueError, match="group_size"):
+        make_grid(W, 3, group_size=3)
+    with pytest.raises(TypeError, match="floating"):
+        rtn_quantize(W.long(), 3)
+    with pytest.raises(ValueError, match="iters"):
+        quantease(W, H, 3, iters=0)
+    with pytest.raises(ValueError, match="outlier_frac"):
+        quantease_outliers(W, H, 3, outlier_frac=1.5)
+    with pytest.raises(ValueError, match="init must have"):
+        quantease(W, H, 3, init=W[:, :4])
+
+
+def test_same_seed_same_result():
+    W, H = correlated(seed=12)
+    torch.testing.assert_close(quantease(W, H, 3, iters=5), quantease(W, H, 3, iters=5), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- driver (layer-by-layer, forward hooks)
+import copy  # noqa: E402
+
+import torch.nn as nn  # noqa: E402
+
+from lipapers.quantease import calib_hessian, find_blocks, quantize_model  # noqa: E402
+
+
+def tiny_llama(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=56, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_lm(seed=0):
+    from lipapers.lm import LM, LMConfig
+    torch.manual_seed(seed)
+    return LM(LMConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4, max_seq_len=32)).eval()
+
+
+def _inputs_of(model, lin):
+    "Independent capture of every input a Linear receives in one full forward."
+    xs = []
+    h = lin.register_forward_pre_hook(lambda m, a: xs.append(a[0].detach()))
+    with torch.no_grad():
+        model(CALIB)
+    h.remove()
+    return torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])
+
+
+CALIB = torch.randint(0, 61, (6, 12), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_lm])
+def test_driver_rtn_matches_per_weight_rtn(make):
+    m = make()
+    ref = {n: rtn_quantize(p.data, 3) for n, p in m.named_parameters() if p.ndim == 2 and ".layers." in f".{n}"}
+    recs = quantize_model(m, CALIB, "rtn", 3, batch_size=4)
+    assert len(recs) == 7 * 2 and {r["layer"] for r in recs} >= {"self_attn.q_proj", "mlp.down_proj"}
+    for n, p in m.named_parameters():
+        if n in ref: torch.testing.assert_close(p.data, ref[n], rtol=0, atol=0)
+    assert isinstance(find_blocks(m), nn.ModuleList)
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_lm])
+def test_driver_is_sequential_and_hessians_are_right(make):
+    fp = make()
+    m = copy.deepcopy(fp)
+    recs = quantize_model(m, CALIB, "gptq", 3, batch_size=4)
+    blocks_fp, blocks_q = find_blocks(fp), find_blocks(m)
+    # down_proj of the last block is quantized last: its Σ must come from the *quantized* model's own activations
+    x = _inputs_of(m, blocks_q[-1].mlp.down_proj)
+    H_ref = x.T.double() @ x.double() / x.shape[0]
+    torch.testing.assert_close(calib_hessian(x) / x.shape[0], H_ref.float(), rtol=1e-5, atol=1e-6)
+    r = [r for r in recs if r["block"] == 1 and r["layer"] == "mlp.down_proj"][0]
+    W0, W1 = blocks_fp[-1].mlp.down_proj.weight.data, blocks_q[-1].mlp.down_proj.weight.data
+    assert r["rel_error"] == pytest.approx(rel_error(W0, W1, H_ref.float()), rel=1e-4)
+    # ... and the quantized weight is exactly GPTQ on that Σ
+    torch.testing.assert_close(W1, gptq_quantize(W0, H_ref.float(), 3), rtol=0, atol=1e-5)
+    # the FP model's activations differ, so sequential ≠ parallel here
+    x_fp = _inputs_of(fp, blocks_fp[-1].mlp.down_proj)
+    assert not torch.allclose(x_fp, x, atol=1e-4)
+
+
+def test_driver_quantease_all_weights_on_grid_and_bad_method():
+    m = tiny_llama(1)
+    fp = copy.deepcopy(m)
+    quantize_model(m, CALIB, "quantease", 4, iters=4)
+    for (n, p), p0 in zip(m.named_parameters(), fp.parameters()):
+        if p.ndim == 2 and ".layers." in n: assert on_grid(p.data, make_grid(p0.data, 4)).all(), n
+    with pytest.raises(ValueError, match="method must be one of"):
+        quantize_model(m, CALIB, "awq", 4)
+    with pytest.raises(ValueError, match="bits must be one of"):
+        quantize_model(m, CALIB, "rtn", 1)
