@@ -223,7 +223,7 @@ def fused_linear_jsd(student_input, student_weight, teacher_input, teacher_weigh
 
 def __getattr__(name):
     # nn.Module drop-ins and model patches, imported on first access
-    if name in ("LigerRMSNorm", "RMSNorm", "LayerNorm", "SwiGLUMLP", "GEGLUMLP", "CrossEntropyLoss",
+    if name in ("RMSNorm", "LayerNorm", "SwiGLUMLP", "GEGLUMLP", "CrossEntropyLoss",
                 "FusedLinearCrossEntropyLoss", "JSDLoss", "FusedLinearJSDLoss"):
         return getattr(importlib.import_module(f"{__name__}.modules"), name)
     if name in ("patch_llama", "unpatch_llama", "patch_lm", "unpatch_lm"):
