@@ -1,0 +1,271 @@
+"""Tests for lipapers.msam: SAM / mSAM optimizers, distributed mSAM (2 gloo ranks on CPU) and the flatness measures.
+
+Tolerances: the optimizer tests run in float64; "exact" means torch.equal (the same floating-point operations in the
+same order), otherwise rtol=atol=1e-12 (float64 reassociation only). Power iteration is compared at rtol 1e-6 after
+convergence to tol 1e-12; Hutchinson's estimate must lie within 3 of its own standard errors of the exact trace.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad
+
+from lipapers.msam import (
+    SAM,
+    DistributedMicroBatchSAM,
+    MicroBatchSAM,
+    batch_order,
+    closure_for,
+    fit,
+    hessian_max_eig,
+    hessian_trace,
+    m_sharpness,
+    mlp,
+    spawn_msam,
+    train_msam_single,
+)
+
+F64 = dict(rtol=1e-12, atol=1e-12)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny float64 problems: one thread avoids oversubscribing the shared 2-core machine (and matches the ranks)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _problem(n=48, d=5, width=7, k=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=torch.float64)
+    Y = torch.randint(0, k, (n,), generator=g)
+    torch.manual_seed(seed)
+    model = mlp(d, width, k).double()
+    return model, X, Y
+
+
+def _clone(model):
+    m = mlp(model[1].in_features, model[1].out_features, model[-1].out_features).double()
+    m.load_state_dict(model.state_dict())
+    return m
+
+
+def _train(model, opt, X, Y, steps=4, bs=16):
+    return fit(model, opt, X, Y, batch_order(len(X), bs, 2, seed=1)[:steps])
+
+
+def _params(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+# --- independent functional reference of the update ---------------------------------------------
+
+
+def _reference_msam_sgd(model, X, Y, rho, m, lr):
+    """mSAM (m=1: SAM) + plain SGD written directly from the papers' update with torch.func."""
+    w = {k: v.detach().clone() for k, v in model.named_parameters()}
+
+    def L(p, x, y):
+        return F.cross_entropy(functional_call(model, p, (x,)), y)
+
+    gbar = {k: torch.zeros_like(v) for k, v in w.items()}
+    for x, y in zip(X.chunk(m), Y.chunk(m)):
+        g = grad(L)(w, x, y)
+        norm = torch.sqrt(sum((t**2).sum() for t in g.values()))
+        eps = {k: rho * g[k] / norm for k in w}
+        gt = grad(L)({k: w[k] + eps[k] for k in w}, x, y)
+        gbar = {k: gbar[k] + gt[k] / m for k in w}
+    return [w[k] - lr * gbar[k] for k, _ in model.named_parameters()]
+
+
+@pytest.mark.parametrize("m", [1, 4])
+def test_step_matches_functional_reference(m):
+    model, X, Y = _problem()
+    x, y = X[:16], Y[:16]
+    ref = _reference_msam_sgd(model, x, y, rho=0.2, m=m, lr=0.3)
+    opt = (SAM(model.parameters(), torch.optim.SGD, rho=0.2, lr=0.3) if m == 1
+           else MicroBatchSAM(model.parameters(), torch.optim.SGD, rho=0.2, micro_batches=m, lr=0.3))
+    opt.step(closure_for(model), x, y)
+    for p, r in zip(model.parameters(), ref):
+        torch.testing.assert_close(p.detach(), r, **F64)
+
+
+def test_returned_loss_is_loss_at_w():
+    model, X, Y = _problem()
+    before = F.cross_entropy(model(X[:16]), Y[:16]).detach()
+    opt = MicroBatchSAM(model.parameters(), torch.optim.SGD, rho=0.1, micro_batches=4, lr=0.1)
+    loss = opt.step(closure_for(model), X[:16], Y[:16])
+    torch.testing.assert_close(loss, before, **F64)  # mean of equal-size micro-batch means = batch mean
+
+
+@pytest.mark.parametrize("base,kw", [(torch.optim.SGD, dict(lr=0.1, momentum=0.9)), (torch.optim.Adam, dict(lr=1e-2))])
+def test_m1_equals_sam_exactly(base, kw):
+    model, X, Y = _problem()
+    other = _clone(model)
+    _train(model, SAM(model.parameters(), base, rho=0.1, **kw), X, Y)
+    _train(other, MicroBatchSAM(other.parameters(), base, rho=0.1, micro_batches=1, **kw), X, Y)
+    for p, q in zip(model.parameters(), other.parameters()):
+        assert torch.equal(p, q)
+    # and the run did move the weights differently from m=2 (the comparison can fail)
+    third = _clone(_problem()[0])
+    _train(third, MicroBatchSAM(third.parameters(), base, rho=0.1, micro_batches=2, **kw), X, Y)
+    assert not torch.allclose(next(model.parameters()), next(third.parameters()))
+
+
+@pytest.mark.parametrize("base,kw", [(torch.optim.SGD, dict(lr=0.1, momentum=0.9)), (torch.optim.Adam, dict(lr=1e-2))])
+def test_rho0_equals_base_optimizer(base, kw):
+    model, X, Y = _problem()
+    sam, msam = _clone(model), _clone(model)
+    _train(model, base(model.parameters(), **kw), X, Y)
+    _train(sam, SAM(sam.parameters(), base, rho=0.0, **kw), X, Y)
+    _train(msam, MicroBatchSAM(msam.parameters(), base, rho=0.0, micro_batches=4, **kw), X, Y)
+    for p, q, r in zip(model.parameters(), sam.parameters(), msam.parameters()):
+        assert torch.equal(p, q)  # same gradient, same base step
+        torch.testing.assert_close(r, p, **F64)  # mean of 4 micro-batch gradients: reassociation only
+
+
+@pytest.mark.parametrize("rho", [0.05, 0.7])
+def test_ascent_step_has_norm_rho(rho):
+    model, X, Y = _problem()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=rho, lr=0.1)
+    w0 = _params(model)
+    F.cross_entropy(model(X), Y).backward()
+    reported = opt.first_step()
+    eps = torch.cat([(p.detach() - q).reshape(-1) for p, q in zip(model.parameters(), w0)])
+    assert math.isclose(eps.norm().item(), rho, rel_tol=1e-9)
+    assert math.isclose(reported, rho, rel_tol=1e-9)
+    # the direction is the gradient's
+    g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    assert math.isclose(torch.dot(eps, g).item(), rho * g.norm().item(), rel_tol=1e-9)
+    opt.restore()
+    for p, q in zip(model.parameters(), w0):
+        assert torch.equal(p, q)
+
+
+def test_adaptive_ascent_has_norm_rho_in_scaled_coordinates():
+    model, X, Y = _problem()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.3, adaptive=True, lr=0.1)
+    w0 = _params(model)
+    F.cross_entropy(model(X), Y).backward()
+    opt.first_step()
+    scaled = torch.cat([((p.detach() - q) / q.abs()).reshape(-1) for p, q in zip(model.parameters(), w0)])
+    assert math.isclose(scaled.norm().item(), 0.3, rel_tol=1e-9)  # ‖T_w^{-1} ε‖ = ρ
+
+
+def test_msam_each_micro_batch_ascent_has_norm_rho():
+    model, X, Y = _problem()
+    opt = MicroBatchSAM(model.parameters(), torch.optim.SGD, rho=0.25, micro_batches=3, lr=0.1)
+    norms = []
+    orig = opt.first_step
+    opt.first_step = lambda: norms.append(orig()) or norms[-1]
+    opt.step(closure_for(model), X[:24], Y[:24])
+    assert len(norms) == 3 and all(math.isclose(n, 0.25, rel_tol=1e-9) for n in norms)
+
+
+# --- errors ----------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_raise_clear_errors():
+    model, X, Y = _problem()
+    opt = MicroBatchSAM(model.parameters(), torch.optim.SGD, rho=0.1, micro_batches=4, lr=0.1)
+    with pytest.raises(ValueError, match="does not split into micro_batches=4"):
+        opt.step(closure_for(model), X[:18], Y[:18])
+    with pytest.raises(ValueError, match="rho must be a finite number >= 0"):
+        SAM(model.parameters(), torch.optim.SGD, rho=-0.1, lr=0.1)
+    with pytest.raises(ValueError, match="rho must be a finite number >= 0"):
+        MicroBatchSAM(model.parameters(), torch.optim.SGD, rho=-1.0, micro_batches=2, lr=0.1)
+    with pytest.raises(ValueError, match="micro_batches must be an int >= 1"):
+        MicroBatchSAM(model.parameters(), torch.optim.SGD, rho=0.1, micro_batches=0, lr=0.1)
+    with pytest.raises(TypeError, match="torch.optim.Optimizer class"):
+        SAM(model.parameters(), torch.optim.SGD(model.parameters(), lr=0.1), rho=0.1)
+    with pytest.raises(TypeError, match="needs a closure"):
+        SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1).step(None)
+    with pytest.raises(RuntimeError, match="initialised process group"):
+        DistributedMicroBatchSAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        m_sharpness(model, F.cross_entropy, X[:10], Y[:10], rho=0.1, m=4)
+
+
+# --- distributed: 2 gloo ranks on CPU == single-process m=2 --------------------------------------
+
+
+def test_distributed_two_ranks_equal_single_process_m2():
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(64, 6, generator=g, dtype=torch.float64)
+    Y = torch.randint(0, 3, (64,), generator=g)
+    spec = dict(X=X, Y=Y, order=batch_order(64, 16, 2, seed=0), sizes=(6, 8, 3), seed=0, rho=0.1, lr=0.1,
+                momentum=0.9, dtype=torch.float64)
+    single2, single1 = train_msam_single(spec, 2), train_msam_single(spec, 1)  # one thread, like the ranks
+    dist2 = spawn_msam(spec, world_size=2, timeout=90)
+    assert len(dist2["losses"]) == len(single2["losses"]) == 8
+    torch.testing.assert_close(torch.tensor(dist2["losses"]), torch.tensor(single2["losses"]), **F64)
+    for p, q in zip(dist2["params"], single2["params"]):
+        torch.testing.assert_close(p, q, **F64)
+    # it is really mSAM with m=2, not full-batch SAM
+    assert not torch.allclose(dist2["params"][0], single1["params"][0], rtol=1e-6, atol=1e-8)
+
+
+# --- flatness measures -----------------------------------------------------------------------------
+
+
+def _full_hessian(model, X, Y):
+    names = [k for k, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+    w = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def f(flat):
+        ps = dict(zip(names, [t.reshape(s) for t, s in zip(flat.split(sizes), shapes)]))
+        return F.cross_entropy(functional_call(model, ps, (X,)), Y)
+
+    return torch.autograd.functional.hessian(f, w)
+
+
+def test_power_iteration_matches_eigvalsh():
+    model, X, Y = _problem(n=40, d=3, width=4, k=3, seed=2)
+    H = _full_hessian(model, X, Y)
+    ev = torch.linalg.eigvalsh(H)
+    dominant = ev[ev.abs().argmax()].item()
+    lam = hessian_max_eig(model, F.cross_entropy, X, Y, iters=3000, tol=1e-13, seed=0)
+    assert math.isclose(lam, dominant, rel_tol=1e-6), (lam, dominant, ev[-3:])
+
+
+def test_hutchinson_within_its_standard_error():
+    model, X, Y = _problem(n=40, d=3, width=4, k=3, seed=2)
+    exact = torch.trace(_full_hessian(model, X, Y)).item()
+    est, se = hessian_trace(model, F.cross_entropy, X, Y, n_probes=100, seed=0)
+    assert se > 0
+    assert abs(est - exact) <= 3 * se, (est, se, exact)
+    # the standard error shrinks like 1/sqrt(n): 4x the probes, about half the error bar
+    _, se4 = hessian_trace(model, F.cross_entropy, X, Y, n_probes=400, seed=1)
+    assert 0.35 < se4 / se < 0.65
+
+
+def test_m_sharpness_matches_brute_force_in_1d():
+    # y = w x with squared loss: L_S(w + e) is a convex parabola in e, so the max over |e| <= rho is at an end point,
+    # and one normalized gradient step reaches the right one.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 1, generator=g, dtype=torch.float64)
+    y = 0.7 * x[:, 0] + 0.3 * torch.randn(12, generator=g, dtype=torch.float64)
+    model = torch.nn.Linear(1, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.fill_(0.2)
+
+    def loss(out, t):
+        return ((out[:, 0] - t) ** 2).mean()
+
+    rho, m = 0.3, 4
+    grid = torch.linspace(-rho, rho, 2001, dtype=torch.float64)
+    brute = []
+    for xs, ys in zip(x.split(m), y.split(m)):
+        base = loss(xs * 0.2, ys)
+        brute.append(max(loss(xs * (0.2 + e), ys) for e in grid) - base)
+    expected = torch.stack(brute).mean().item()
+    assert math.isclose(m_sharpness(model, loss, x, y, rho=rho, m=m), expected, rel_tol=1e-9)
+    assert math.isclose(m_sharpness(model, loss, x, y, rho=rho, m=m, steps=3), expected, rel_tol=1e-9)
+    # sets of 1 sample are sharper than one set of all 12 (the mSAM papers' premise, exact here)
+    assert m_sharpness(model, loss, x, y, rho=rho, m=1) >= m_sharpness(model, loss, x, y, rho=rho, m=12)
