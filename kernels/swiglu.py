@@ -18,8 +18,10 @@ BLOCK_SIZE = 1024  # elements per program; the interpreter's cost grows with the
 
 @triton.jit
 def _tanh(u):
-    # tanh(u) = 2 sigmoid(2u) - 1; exp overflow gives the right limits (+-1)
-    return 2.0 / (1.0 + tl.exp(-2.0 * u)) - 1.0
+    # tanh(|u|) = (1 - e) / (1 + e), e = exp(-2|u|) in (0, 1]: no overflow; odd symmetry for the sign
+    e = tl.exp(-2.0 * tl.abs(u))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(u >= 0, t, -t)
 
 
 @triton.jit
