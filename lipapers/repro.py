@@ -322,8 +322,13 @@ def _fmt_list(chs:dict)->str:
         for p in ch.params.values(): out.append(f"  param  {p.name:<18} {p.type:<10} {p.default!r:<14} {p.doc}")
     return "\n".join(out)
 
+class _ArgError(Exception): pass
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message): raise _ArgError(message)  # one line, exit 2, from main()
+
 def _parser():
-    ap = argparse.ArgumentParser(prog="lipapers", description="Run and gather lipapers chapter reproductions.")
+    ap = _Parser(prog="lipapers", description="Run and gather lipapers chapter reproductions.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("list", help="chapters, presets and parameters")
     for name in ("run", "sweep"):
@@ -344,14 +349,10 @@ def _parser():
     return ap
 
 # %% ../nbs/01_repro.ipynb #c1f7f635
-class _ArgError(Exception): pass
-
 def main(argv=None)->int:
     "Entry point of the `lipapers` command."
-    ap = _parser()
-    ap.error = lambda msg: (_ for _ in ()).throw(_ArgError(msg))
     try:
-        a = ap.parse_args(argv)
+        a = _parser().parse_args(argv)
         return _dispatch(a)
     except (UsageError, _ArgError, ValueError, FileNotFoundError) as e:
         print(f"lipapers: error: {e}", file=sys.stderr); return 2
