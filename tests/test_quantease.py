@@ -82,6 +82,27 @@ def test_gptq_identity_H_equals_rtn(bits):
                                    rtol=0, atol=0)
 
 
+def naive_obs_gptq(W, H, bits, damp=0.01):
+    "GPTQ in its original OBS form (GPTQ paper Eq. 2-3): explicit inverse, one column at a time, float64."
+    g = make_grid(W, bits)
+    W, H = W.double().clone(), H.double().clone()
+    H += damp * torch.diagonal(H).mean() * torch.eye(H.shape[0], dtype=torch.float64)
+    Hinv, Q = torch.linalg.inv(H), torch.zeros_like(W)
+    s, z = g.scale[:, 0].double(), g.zero[:, 0].double()
+    for j in range(W.shape[1]):
+        Q[:, j] = s * (torch.clamp(torch.round(W[:, j] / s) + z, 0, 2**bits - 1) - z)
+        err = (W[:, j] - Q[:, j]) / Hinv[j, j]
+        W[:, j:] -= err[:, None] * Hinv[j, j:][None]
+        Hinv = Hinv - Hinv[:, j:j + 1] @ Hinv[j:j + 1, :] / Hinv[j, j]  # remove column j (Gaussian elimination)
+    return Q.float()
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_gptq_matches_naive_obs_reference(bits):
+    W, H = correlated(q=10, p=30, seed=20 + bits)
+    torch.testing.assert_close(gptq_quantize(W, H, bits, block_size=8), naive_obs_gptq(W, H, bits), rtol=0, atol=1e-4)
+
+
 def test_gptq_lazy_batches_match_unblocked():
     W, H = correlated(q=8, p=50, seed=4)
     torch.testing.assert_close(gptq_quantize(W, H, 3, block_size=7), gptq_quantize(W, H, 3, block_size=50),
@@ -96,6 +117,25 @@ def test_quantease_beats_rtn_and_gptq_init_never_worse(bits, seed):
     assert layer_error(W, qe, H) <= layer_error(W, rtn, H)
     assert layer_error(W, gqe, H) <= layer_error(W, gq, H) * (1 + 1e-6)
     assert layer_error(W, qe, H) < 0.8 * layer_error(W, rtn, H)  # not just "no worse": clearly better here
+
+
+def naive_cd(W, H, bits, iters):
+    "Paper's CD written directly from Eq. (2), one column at a time, float64, with the official relaxed schedule."
+    g = make_grid(W, bits)
+    s, z = g.scale[:, 0].double(), g.zero[:, 0].double()
+    W, S = W.double(), H.double()
+    What = W.clone()
+    for it in range(1, iters + 1):
+        relaxed = it % 3 == 1 and it <= 25 and it < iters
+        for j in torch.argsort(torch.diagonal(S), descending=True).tolist():
+            u = W[:, j] + sum((W[:, k] - What[:, k]) * S[k, j] / S[j, j] for k in range(W.shape[1]) if k != j)
+            What[:, j] = u if relaxed else s * (torch.clamp(torch.round(u / s) + z, 0, 2**bits - 1) - z)
+    return What.float()
+
+
+def test_quantease_matches_naive_cd():
+    W, H = correlated(q=6, p=14, seed=13)
+    torch.testing.assert_close(quantease(W, H, 3, iters=5, block_size=4), naive_cd(W, H, 3, 5), rtol=0, atol=1e-4)
 
 
 def test_quantease_block_size_does_not_change_result():
