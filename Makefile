@@ -5,7 +5,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lipapers-installed
 APT_PKGS := chromium dataset-fashion-mnist
+NPM_ASSETS := @jupyter-widgets/html-manager@1.0.15:html-manager mathjax@3.2.2:mathjax
 export TRITON_INTERPRET ?= 1
+# plotly figures are stored as their JSON mimetype only (no 3 MB of plotly.js per notebook); the docs draw them
+export PLOTLY_RENDERER ?= plotly_mimetype
 
 .PHONY: setup repro test lab docs export clean-nbs
 
@@ -21,6 +24,8 @@ $(STAMP): requirements.txt requirements-nodeps.txt setup.py settings.ini
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	  else echo "missing apt packages: $$missing (run: sudo apt-get install -y $$missing)"; exit 1; fi; fi
+	@for a in $(NPM_ASSETS); do pkg=$${a%:*}; dir=$(VENV)/share/lipapers/$${a#*:}; \
+	  if [ ! -d $$dir/package ]; then mkdir -p $$dir && (cd $$dir && npm pack -q $$pkg >/dev/null && tar xzf *.tgz && rm -f *.tgz); fi; done
 	@touch $(STAMP)
 
 repro: setup
@@ -33,7 +38,7 @@ lab: setup
 	$(BIN)/lipapers lab
 
 docs: setup
-	$(BIN)/python -m lipapers.docs
+	$(BIN)/python -c "from lipapers.docs import build; build(quiet=False)"
 
 export: setup
 	$(BIN)/nbdev_export && $(BIN)/nbdev_clean
