@@ -226,6 +226,7 @@ def is_complete(path:Path)->bool:
 def _child_env(tmp:Path)->dict:
     env = dict(os.environ, **{RUN_DIR_ENV: str(tmp)})
     if shutil.which("nvidia-smi") is None: env.setdefault("TRITON_INTERPRET", "1")
+    env.setdefault("PLOTLY_RENDERER", "plotly_mimetype")  # figures stored as JSON, not with 3 MB of plotly.js each
     return env
 
 # %% ../nbs/01_repro.ipynb #fff33679
@@ -346,6 +347,7 @@ def _parser():
     rp = sub.add_parser("repro", help="run every chapter at its default preset and gather the results")
     rp.add_argument("--runs-dir", default=None); rp.add_argument("--no-docs", action="store_true")
     lb = sub.add_parser("lab", help="JupyterLab on 127.0.0.1 with a token"); lb.add_argument("--port", type=int, default=8888)
+    lb.add_argument("extra", nargs="*", help="further JupyterLab options (after --)")
     return ap
 
 # %% ../nbs/01_repro.ipynb #c1f7f635
@@ -383,7 +385,7 @@ def _dispatch(a)->int:
             with pl.Config(tbl_rows=200, tbl_cols=12, fmt_str_lengths=40): print(df)
         return 0
     if a.cmd == "repro": return repro(a.runs_dir, docs=not a.no_docs)
-    if a.cmd == "lab": return lab(a.port)
+    if a.cmd == "lab": return lab(a.port, a.extra)
     return 2
 
 # %% ../nbs/01_repro.ipynb #9a30c787
@@ -405,7 +407,7 @@ def repro(runs=None, docs:bool=True)->int:
     return 1 if failed else 0
 
 # %% ../nbs/01_repro.ipynb #f624f792
-def lab(port:int=8888)->int:
+def lab(port:int=8888, extra=())->int:
     "Start JupyterLab on 127.0.0.1 with a token and widget-state saving on."
     settings = Path(sys.prefix)/"share/jupyter/lab/settings"; settings.mkdir(parents=True, exist_ok=True)
     f = settings/"overrides.json"; cur = json.loads(f.read_text()) if f.exists() else {}
@@ -415,4 +417,4 @@ def lab(port:int=8888)->int:
     cmd = [str(Path(sys.executable).parent/"jupyter"), "lab", "--no-browser", "--ip", "127.0.0.1", "--port", str(port), f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={project_root()}"]
     if hasattr(os, "geteuid") and os.geteuid() == 0: cmd.append("--allow-root")
     print(f"JupyterLab: http://127.0.0.1:{port}/lab?token={token}", flush=True)
-    return subprocess.call(cmd)
+    return subprocess.call(cmd + list(extra), env=dict(os.environ, PLOTLY_RENDERER=os.environ.get("PLOTLY_RENDERER", "plotly_mimetype")))

@@ -5,6 +5,7 @@ import shutil
 
 if shutil.which("nvidia-smi") is None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("PLOTLY_RENDERER", "plotly_mimetype")  # as in the Makefile: figures stored as JSON only
 
 import pytest  # noqa: E402
 
