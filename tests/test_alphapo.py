@@ -201,3 +201,115 @@ def test_bad_inputs_dpo_simpo():
         dpo_loss(z, z, torch.tensor([0.0, float("inf"), 0.0]), z, beta=0.1)
     with pytest.raises(ValueError, match="nll_weight"):
         simpo_loss(z, z, 1.0, 0.0, nll_weight=-1.0)
+
+
+# ---------------------------------------------------------------- masking of prompt and padding (the trainer's path)
+from lipapers.alphapo import (  # noqa: E402
+    PrefConfig,
+    PrefPairs,
+    bt_label,
+    gold_reward,
+    pair_logps,
+    response_mask,
+    train_preference,
+)
+from lipapers.lm import LM, LMConfig  # noqa: E402
+
+
+def _tiny_lm(V=50, seed=0):
+    torch.manual_seed(seed)
+    return LM(LMConfig(vocab_size=V, d_model=16, n_layers=1, n_heads=2, max_seq_len=32)).eval()
+
+
+def _pairs(V=50, N=6, P=4, R=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (2 * N, P + R), generator=g)
+    lens = torch.randint(1, R + 1, (2 * N,), generator=g)  # response lengths, the rest is padding
+    attn = (torch.arange(P + R)[None] < (P + lens)[:, None]).long()
+    return PrefPairs(ids[:N], ids[N:], attn[:N], attn[N:], P, torch.zeros(N), torch.zeros(N))
+
+
+def test_pair_logps_masks_prompt_and_padding():
+    m, pairs = _tiny_lm(), _pairs()
+    with torch.no_grad():
+        w, lo = pair_logps(m, pairs, torch.arange(pairs.n))
+        # brute force: each row alone, unpadded, summing log p over response tokens only
+        for ids, attn, out in ((pairs.chosen, pairs.chosen_attn, w), (pairs.rejected, pairs.rejected_attn, lo)):
+            for i in range(len(ids)):
+                n = int(attn[i].sum())
+                x = ids[i, :n][None]
+                lp = torch.log_softmax(m(x).logits[0, :-1].double(), -1).gather(-1, x[0, 1:, None])[:, 0]
+                resp = lp[pairs.prompt_len - 1:]  # targets at positions P..n-1
+                assert int(out.n_tokens[i]) == n - pairs.prompt_len
+                torch.testing.assert_close(out.sum[i].double(), resp.sum(), rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(out.mean[i].double(), resp.mean(), rtol=1e-5, atol=1e-5)
+        # changing padded tokens changes nothing; changing a prompt token changes only the context (not the count)
+        ch = pairs.chosen.clone()
+        ch[pairs.chosen_attn == 0] = (ch[pairs.chosen_attn == 0] + 1) % 50
+        w2, _ = pair_logps(m, pairs._replace(chosen=ch), torch.arange(pairs.n))
+        torch.testing.assert_close(w2.sum, w.sum, rtol=0, atol=1e-6)
+        assert torch.equal(w2.n_tokens, w.n_tokens)
+
+
+class _FakeTok:
+    "Token i decodes to VOCAB[i]."
+
+    VOCAB = ["a", " b", "\n", "\n\n", "c\n", "\nd", ""]
+
+    def __len__(self):
+        return len(self.VOCAB)
+
+    def decode(self, ids):
+        return "".join(self.VOCAB[i] for i in ids)
+
+
+def test_response_mask_ends_at_blank_line():
+    tok, P = _FakeTok(), 2
+    rows = torch.tensor(
+        [
+            [0, 0, 0, 1, 3, 0, 0],  # "\n\n" token at response position 2 → keep P+3 tokens
+            [0, 0, 4, 5, 0, 0, 0],  # "c\n" then "\nd" completes a blank line → keep P+2
+            [0, 0, 2, 6, 2, 0, 0],  # "\n", empty token, "\n" → blank line across an empty token → keep P+3
+            [0, 0, 0, 1, 2, 0, 1],  # never a blank line → keep all
+            [2, 2, 2, 0, 0, 0, 0],  # newlines in the prompt do not count; "\n" as the first response token is fine
+        ]
+    )
+    m = response_mask(tok, rows, P)
+    assert m.sum(1).tolist() == [P + 3, P + 2, P + 3, 7, 7]
+    assert (m[:, :P] == 1).all()
+
+
+def test_gold_reward_and_bt_labels():
+    assert gold_reward("O sweet love, thou art my joy!", 0.02) == pytest.approx(3 - 0.02 * 7)
+    assert gold_reward("Villain! Death and blood.", 0.0) == -3
+    assert gold_reward("LOVE'S fair 'love'", 0.0) == 2  # case-insensitive; quotes stripped; "love's" is not in the lexicon
+    with pytest.raises(TypeError, match="str"):
+        gold_reward(3)
+    g = torch.Generator().manual_seed(0)
+    lab = bt_label(torch.full((40000,), 0.3), torch.zeros(40000), 0.2, g).double().mean().item()
+    assert lab == pytest.approx(1 / (1 + math.exp(-1.5)), abs=0.01)  # sigma(0.3 / 0.2)
+    # tau -> 0 is a noiseless annotator
+    assert bt_label(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), 1e-6, g).tolist() == [True, False]
+    with pytest.raises(ValueError, match="tau must be > 0"):
+        bt_label(torch.zeros(2), torch.zeros(2), 0.0)
+
+
+def test_trainer_is_deterministic_and_learns():
+    pairs = _pairs(N=8, seed=1)
+    logs = []
+    for _ in range(2):
+        m = _tiny_lm(seed=3)
+        cfg = PrefConfig("alphapo", 0.5, 2.0, 0.0, 0.0, lr=3e-2, n_steps=8, batch_size=8)
+        logs.append(train_preference(m, pairs, cfg, probe=torch.arange(8), eval_every=4, seed=0))
+    assert logs[0] == logs[1]  # same seed, same result
+    assert logs[0][-1]["probe_chosen_logp"] - logs[0][-1]["probe_rejected_logp"] > logs[0][0]["probe_chosen_logp"] - logs[0][0]["probe_rejected_logp"]
+    assert logs[0][-2]["loss"] < logs[0][0]["loss"]
+
+
+def test_trainer_bad_inputs():
+    with pytest.raises(ValueError, match="method must be one of"):
+        PrefConfig("ipo")
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        PrefConfig("simpo", beta=0.0)
+    with pytest.raises(ValueError, match="needs a frozen reference"):
+        train_preference(_tiny_lm(), _pairs(), PrefConfig("dpo", beta=0.1, n_steps=1))
