@@ -140,16 +140,26 @@ def test_jupyterlab_runs_a_chapter(browser, tmp_path):
         assert settings["@jupyter-widgets/jupyterlab-manager:plugin"]["saveState"] is True
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(f"http://127.0.0.1:{port}/lab/tree/nbs/{LAB_NOTEBOOK}?token={token}&reset", wait_until="domcontentloaded")
-        page.wait_for_function("window.jupyterapp && window.jupyterapp.shell.currentWidget && window.jupyterapp.shell.currentWidget.sessionContext", timeout=120000)
-        page.wait_for_function("window.jupyterapp.shell.currentWidget.sessionContext.session && window.jupyterapp.shell.currentWidget.sessionContext.session.kernel", timeout=120000)
+        try:
+            page.wait_for_function("""() => { const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;
+                return w && w.sessionContext && w.sessionContext.isReady && w.sessionContext.session && w.sessionContext.session.kernel
+                       && w.sessionContext.session.kernel.connectionStatus === 'connected'; }""", timeout=240000, polling=1000)
+        except Exception:
+            page.screenshot(path=str(tmp_path / "lab-timeout.png"))
+            raise
         page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
         # wait until every code cell has an execution count and the kernel is idle
         done = """() => { const nb = window.jupyterapp.shell.currentWidget; const ctx = nb.sessionContext;
             const cells = nb.content.widgets.filter(c => c.model.type === 'code' && c.model.sharedModel.getSource().trim());
             return ctx.session.kernel.status === 'idle' && cells.every(c => c.model.executionCount); }"""
         page.wait_for_function(done, timeout=300000, polling=1000)
-        errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']:has-text('Traceback'), .jp-RenderedText[data-mime-type='application/vnd.jupyter.error']")
-        assert errors.count() == 0, errors.first.inner_text()[:2000]
+        errors = page.evaluate("""() => { const out = [];
+            for (const c of window.jupyterapp.shell.currentWidget.content.widgets) {
+              if (c.model.type !== 'code') continue;
+              const o = c.model.outputs;
+              for (let i = 0; i < o.length; i++) { const j = o.get(i).toJSON(); if (j.output_type === 'error') out.push(j.ename + ': ' + j.evalue); } }
+            return out; }""")
+        assert errors == [], errors
         page.wait_for_selector(".js-plotly-plot .main-svg", timeout=30000)
         page.close()
     finally:
