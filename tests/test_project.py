@@ -85,3 +85,29 @@ def test_readme_two_commands_and_ci():
     commands = re.findall(r"^make \w+$", readme, re.M)
     assert commands[:2] == ["make repro", "make test"], commands
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+EXPORT_DIRECTIVE = re.compile(r"^#\|\s*(export|exports|exporti|exec_doc)\b", re.M)
+
+
+def test_no_cell_mixes_imports_with_code():
+    """nbdev's docs processing executes every non-export cell that holds an import: such a cell must hold imports only,
+    or the docs build would run the experiment code around it."""
+    import ast
+
+    bad = []
+    for p in sorted((ROOT / "nbs").rglob("*.ipynb")):
+        for i, c in enumerate(json.loads(p.read_text())["cells"]):
+            src = "".join(c["source"]) if isinstance(c["source"], list) else c["source"]
+            if c["cell_type"] != "code" or EXPORT_DIRECTIVE.search(src) or "eval: false" in src:
+                continue
+            nodes = list(ast.walk(ast.parse(src.replace("%", "#"))))
+            if any(isinstance(n, (ast.Import, ast.ImportFrom)) for n in nodes) and any(isinstance(n, (ast.Expr, ast.Assign)) for n in nodes):
+                bad.append(f"{p.relative_to(ROOT)} cell {i}")
+    assert not bad, f"cells mixing imports and code: {bad}"
+
+
+def test_every_notebook_names_the_python3_kernel():
+    for p in sorted((ROOT / "nbs").rglob("*.ipynb")):
+        meta = json.loads(p.read_text())["metadata"]
+        assert meta.get("kernelspec", {}).get("name") == "python3", f"{p.relative_to(ROOT)}: kernelspec must be python3"
