@@ -34,6 +34,30 @@ def test_sidebar_lists_every_chapter_notebook():
     assert chapters <= pages, f"chapters missing from _quarto.yml's sidebar: {sorted(chapters - pages)}"
 
 
+def html_text(f):
+    """The visible text of a page (scripts and styles dropped)."""
+    from html.parser import HTMLParser
+
+    class Text(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.parts, self.skip = [], 0
+
+        def handle_starttag(self, tag, attrs):
+            self.skip += tag in ("script", "style")
+
+        def handle_endtag(self, tag):
+            self.skip -= tag in ("script", "style") and self.skip > 0
+
+        def handle_data(self, data):
+            if not self.skip:
+                self.parts.append(data)
+
+    t = Text()
+    t.feed(f.read_text(errors="replace"))
+    return " ".join(t.parts)
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -94,6 +118,13 @@ def test_every_sidebar_page_was_built_and_links_hold(site):
         for p in pages:
             assert (out / p.replace(".ipynb", ".html")).exists(), p
     assert docs.check_links(out) == []
+    leaks = ("#| ", "::: {", "{target=", "output-file:", "callout-")
+    for f in out.glob("**/*.html"):
+        if "_static" in f.parts or "_source" in f.relative_to(out).parts:
+            continue
+        text = html_text(f)
+        found = [x for x in leaks if x in text]
+        assert not found, f"{f.relative_to(out)} shows Quarto markup {found}"
     assert not (out / "_static" / "plotly.min.js").read_text().startswith("<"), "plotly.js is served locally"
 
 
