@@ -68,6 +68,7 @@ def test_positions_and_session_context_brute_force(feed):
         assert s["rep_topic"].to_list() == [topics[:i].count(t) for i, t in enumerate(topics)]
         assert s["rep_author"].to_list() == [authors[:i].count(a) for i, a in enumerate(authors)]
         assert s["member_id"].n_unique() == 1
+    assert feed.group_by("session_id", "post_id").len()["len"].max() == 1  # a session never repeats a post
 
 
 def test_true_probabilities_recomputed_from_public_frames(world, feed):
