@@ -438,3 +438,12 @@ def test_bad_inputs_give_clear_errors():
         dr_value([1, 0], [0, 1], [0.5, 0.5], np.full((2, 2), 0.5), np.zeros((2, 3)))
     with pytest.raises(ValueError, match="y and p"):
         binary_metrics([0, 1], [0.5])
+
+
+def test_middle_max_and_min_max_share_the_grid():
+    # m = min + 2^(b-1) s, so both schemes reconstruct the same values (codes differ by 2^(b-1))
+    torch.manual_seed(21)
+    w = torch.randn(50, 33, dtype=torch.float64).float()
+    a, b = quantize_rowwise(w, scheme="middle_max"), quantize_rowwise(w, scheme="min_max")
+    torch.testing.assert_close(a[0].long() + 128, b[0].long(), atol=1, rtol=0)  # equal up to a rounding tie
+    torch.testing.assert_close(dequantize_rowwise(*a), dequantize_rowwise(*b), rtol=0, atol=float(b[1].max()) * 1.01)
