@@ -447,3 +447,45 @@ def test_middle_max_and_min_max_share_the_grid():
     a, b = quantize_rowwise(w, scheme="middle_max"), quantize_rowwise(w, scheme="min_max")
     torch.testing.assert_close(a[0].long() + 128, b[0].long(), atol=1, rtol=0)  # equal up to a rounding tie
     torch.testing.assert_close(dequantize_rowwise(*a), dequantize_rowwise(*b), rtol=0, atol=float(b[1].max()) * 1.01)
+
+
+# ---------------------------------------------------------------- feature builders on the real substrates
+def test_movielens_features_match_ratings():
+    from lipapers.data import movielens_100k
+    from lipapers.lirank import movielens_features
+    ml = movielens_100k()
+    d, cards = movielens_features(ml)
+    assert len(d["like"]) == 100_000 and d["dense"].shape == (100_000, 20)
+    assert d["like"].float().mean().item() == pytest.approx((ml.ratings["rating"].to_numpy() >= 4).mean())
+    RankingModel(cards, n_dense=20, tasks=("like",)).check(d, labels=True)  # every id inside its table
+    ts = ml.ratings.sort("timestamp", maintain_order=True)
+    np.testing.assert_array_equal(d["user_id"].numpy(), ts["user_id"].to_numpy())  # time-ordered rows
+
+
+def test_world_features_fit_the_model():
+    from lipapers.lirank import world_features
+    from lipapers.world import World
+    w = World.generate(seed=1, n_members=60, n_posts=120, n_companies=10, n_jobs=20)
+    imps = w.feed_impressions(700)
+    d, cards = world_features(w, imps, ("click", "long_dwell"))
+    m = RankingModel(cards, n_dense=d["dense"].shape[1], emb_dim=4, hidden=(8,), tasks=("click", "long_dwell"))
+    assert m.check(d, labels=True) == 700 and m(d).shape == (700, 2)
+    with pytest.raises(ValueError, match="unknown task columns"):
+        world_features(w, imps, ("clicks",))
+
+
+def test_obd_uniform_logging_policy_ips_equals_ctr_and_candidates():
+    from lipapers.data import open_bandit
+    from lipapers.lirank import obd_candidates, obd_features
+    rand = open_bandit("random")
+    (d,), cards, (aff,) = obd_features(rand)
+    r, a = d["click"].numpy(), d["item_id"].numpy()
+    est = ips_value(r, a, rand.log["propensity"].to_numpy(), np.full((len(r), 80), 1 / 80))
+    assert est["value"] == pytest.approx(r.mean(), rel=1e-12) and r.sum() == 38
+    f0 = rand.items.sort("item_id")["item_feature_0"].to_numpy()
+    sub = {k: v[:3] for k, v in d.items() if k != "click"}
+    c = obd_candidates(sub, aff[:3], f0)
+    assert len(c["item_id"]) == 240 and (c["item_id"][:80] == torch.arange(80)).all()
+    torch.testing.assert_close(c["dense"][:, 0], torch.from_numpy(aff[:3].ravel()).float())
+    assert (c["position"][:80] == d["position"][0]).all()
+    RankingModel(cards, n_dense=2).check(c)
