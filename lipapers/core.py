@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #d61d13dc
 from __future__ import annotations
-import ctypes, gc, json, os, platform, random, subprocess, sys, tempfile, time, multiprocessing as mp
+import gc, json, os, platform, random, subprocess, sys, tempfile, time
 from dataclasses import dataclass, asdict
 from importlib import metadata
 from pathlib import Path
@@ -84,27 +84,26 @@ def bench(fn, repeats:int=10, warmup:int=2, device:str|torch.device="cpu")->Timi
     return bench_compare({"fn": fn}, repeats, warmup, device)["fn"]
 
 # %% ../nbs/00_core.ipynb #d0faf2ad
-def _status_kb(field:str)->int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"): return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-def _child_peak(fn, conn):
-    try:
-        torch.set_num_threads(1)  # the parent's thread pool does not survive fork
-        gc.collect()
-        libc = ctypes.CDLL("libc.so.6")
-        libc.malloc_trim(0)               # give free heap back, so reuse of it would show as new RSS
-        libc.mallopt(-3, 64 * 1024)       # M_MMAP_THRESHOLD: blocks >= 64 KiB come from fresh mmaps
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-        base = _status_kb("VmRSS")
-        out = fn(); del out; peak = _status_kb("VmHWM")
-        conn.send(("ok", (peak - base) * 1024))
-    except BaseException as e: conn.send(("err", f"{type(e).__name__}: {e}"))
-    finally: conn.close()
+_PEAK_CHILD = r"""
+import ctypes, gc, json, pickle, sys
+from pathlib import Path
+def kb(field):
+    return next(int(l.split()[1]) for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field + ":"))
+try:
+    fn = pickle.loads(sys.stdin.buffer.read())
+    gc.collect()
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc_trim(0)              # give free heap back, so reuse of it would show as new RSS
+    libc.mallopt(-3, 64 * 1024)      # M_MMAP_THRESHOLD: blocks >= 64 KiB come from fresh mmaps
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    base = kb("VmRSS"); out = fn(); del out; peak = kb("VmHWM")
+    print(json.dumps({"ok": (peak - base) * 1024}))
+except BaseException as e:
+    print(json.dumps({"err": f"{type(e).__name__}: {e}"}))
+"""
 
 # %% ../nbs/00_core.ipynb #c371b1bb
-def peak_memory(fn, # zero-argument callable to measure; it runs in a forked child on CPU
+def peak_memory(fn, # zero-argument callable to measure; on CPU it runs in a fresh child interpreter
                 device:str|torch.device="cpu", # "cpu" (child-process RSS) or a cuda device (allocator peak)
                 timeout:float=600, # seconds before the child is killed
                )->int:
@@ -115,13 +114,13 @@ def peak_memory(fn, # zero-argument callable to measure; it runs in a forked chi
         base = torch.cuda.memory_allocated(device); fn(); torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
     if not Path("/proc/self/clear_refs").exists(): raise RuntimeError("CPU peak memory needs Linux /proc/self/clear_refs")
-    ctx = mp.get_context("fork")
-    parent, child = ctx.Pipe(duplex=False)
-    p = ctx.Process(target=_child_peak, args=(fn, child)); p.start(); child.close()
-    if not parent.poll(timeout): p.kill(); p.join(); raise TimeoutError(f"peak_memory child exceeded {timeout}s")
-    status, val = parent.recv(); p.join()
-    if status != "ok": raise RuntimeError(f"measured function failed in the child: {val}")
-    return val
+    import cloudpickle
+    r = subprocess.run([sys.executable, "-c", _PEAK_CHILD], input=cloudpickle.dumps(fn), capture_output=True, timeout=timeout, cwd=os.getcwd())
+    line = r.stdout.decode().strip().splitlines()[-1:] 
+    if r.returncode != 0 or not line: raise RuntimeError(f"peak_memory child failed: {r.stderr.decode()[-2000:]}")
+    res = json.loads(line[0])
+    if "err" in res: raise RuntimeError(f"measured function failed in the child: {res['err']}")
+    return res["ok"]
 
 # %% ../nbs/00_core.ipynb #05ab8c6c
 _PKGS = ("torch", "triton", "numpy", "polars", "plotly", "papermill", "nbdev", "transformers", "scikit-learn", "faiss-cpu", "liger-kernel")

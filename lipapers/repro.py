@@ -200,7 +200,7 @@ def _exec_child(nb:Path, out:Path, params:dict, cwd:Path, log:Path):
     "Run in the child process: execute the notebook with papermill, record a failing cell in error.json."
     import papermill as pm
     try:
-        pm.execute_notebook(str(nb), str(out), parameters=params, kernel_name="python3", cwd=str(cwd), progress_bar=False, log_output=False)
+        pm.execute_notebook(str(nb), str(out), parameters=params, kernel_name="python3", language="python", cwd=str(cwd), progress_bar=False, log_output=False)
     except pm.PapermillExecutionError as e:
         (out.parent/"error.json").write_text(json.dumps(dict(cell_index=e.cell_index, exec_count=e.exec_count, ename=e.ename, evalue=e.evalue, source=e.source[:500])))
         sys.exit(1)
