@@ -112,12 +112,14 @@ def ce_chunk_torch(z, target, ignore_index, label_smoothing, scale, grad):
 # Fused linear cross-entropy (chunked)
 
 
-def flce_chunk_rows(n_rows, hidden, vocab, min_rows=64):
-    """Rows per chunk: the (chunk x V) logits are about as large as the (V x H) weight, i.e. chunk ~= H.
+def flce_chunk_rows(n_rows, hidden, vocab, min_rows=512):
+    """Rows per chunk: c = max(H rounded up to a multiple of 64, min_rows), capped at n_rows.
 
-    Memory above the inputs is then dX (N H) + dW (V H) + one chunk (~V H): at most ~2x the unavoidable
-    gradients, independent of N. H rows also keep each GEMM large enough to run near peak. Rounded to a
-    multiple of 64 (>= min_rows) and capped at n_rows.
+    With c ~= H the (c x V) logits chunk is about as large as the (V x H) weight, so the memory above the inputs is
+    dX (N H) + dW (V H) + one chunk (~V H): about twice the unavoidable gradients, independent of N.
+    The floor of 512 rows keeps the GEMMs and the row-wise passes efficient when H is small: measured on the
+    2-core CPU (N=1024, H=128, V=8192, fp32, fwd+bwd, median of 15 interleaved repeats, time / naive):
+    c=128: 2.28x, 256: 1.41x, 512: 0.91x, 1024: 0.80x. (Liger uses c ~= N H / V, ~32 thin chunks.)
     """
     rows = max(min_rows, 64 * math.ceil(hidden / 64))
     return max(1, min(n_rows, rows))

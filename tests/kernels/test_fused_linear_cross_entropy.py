@@ -67,7 +67,8 @@ def test_flce_all_ignored_empty_and_no_grad(backend):
 def test_flce_chunk_rows_rule():
     assert K.flce_chunk_rows(2048, 512, 32768) == 512  # chunk logits (512 x V) = size of W (V x 512)
     assert K.flce_chunk_rows(100, 512, 32768) == 100  # capped at N
-    assert K.flce_chunk_rows(4096, 31, 1000) == 64  # rounded up to a multiple of 64
+    assert K.flce_chunk_rows(4096, 31, 1000) == 512  # floor of 512 rows for small H
+    assert K.flce_chunk_rows(8192, 4000, 128256) == 4032  # H rounded up to a multiple of 64
 
 
 def test_flce_errors():
