@@ -307,6 +307,15 @@ def test_sample_greedy_topk_and_seed():
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="top_k must be"):
         sample(m, p, 1, top_k=0)
+    # eos: a row that emits it keeps emitting it, and generation stops once every row has
+    eos = int(g[0, 5])
+    e = sample(m, p, 15, temperature=0, eos_token_id=eos)
+    assert torch.equal(e[0, :6], g[0, :6]) and (e[0, 6:] == eos).all()
+    k = [t for t in range(3, 18) if g[1, t] == eos]
+    if k:  # the second row also hits eos: stop right after the later of the two
+        assert e.shape[1] == max(6, k[0] + 1)
+    else:
+        assert torch.equal(e[1], g[1])
 
 
 # ---------------------------------------------------------------- SmolLM2 (slow: ~1 min cold, run with -m slow)
