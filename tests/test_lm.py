@@ -92,6 +92,11 @@ def test_lm_loss_is_shifted_cross_entropy():
     labels[1, 2] = -100
     nll = [-torch.log_softmax(logits[b, t], -1)[labels[b, t + 1]] for b in range(2) for t in range(4) if labels[b, t + 1] != -100]
     torch.testing.assert_close(lm_loss(logits, labels), torch.stack(nll).mean())
+    m = LM(CONFIGS["mqa"])  # the fused path of the torch backend gives the same loss and no logits
+    ids = torch.randint(0, 64, (2, 9))
+    fused = m(ids, labels=ids, fused_loss=True)
+    assert fused.logits is None
+    torch.testing.assert_close(fused.loss, m(ids, labels=ids).loss, rtol=0, atol=0)
 
 
 def test_bad_configs_and_backend_errors():
