@@ -110,6 +110,16 @@ def test_per_query_filters_match_brute_force():
             assert ids[b, : len(r)].tolist() == [i for _, i in r], (variant, b)
 
 
+def test_precomputed_mask_equals_cnf():
+    ix, items = make(150, 5, seed=18)
+    q = torch.randn(3, 5)
+    cnfs = [[C("geo", 1, 2)], [~C("company", 3)], [C("skills", 4)]]
+    for variant in EXACT:
+        a = ix.search(q, 7, cnfs, variant=variant)
+        b = ix.search(q, 7, torch.stack([ix.mask(c) for c in cnfs]), variant=variant)
+        assert torch.equal(a[1], b[1])
+
+
 def test_negated_clause_excludes_exactly():
     ix, items = make(120, 4, seed=5)
     q = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
@@ -285,6 +295,8 @@ def test_bad_inputs_give_clear_errors():
         ix.search(torch.ones(4, dtype=torch.int64), 3)
     with pytest.raises(TypeError, match="where must be"):
         ix.search(torch.randn(4), 3, where="geo=1")
+    with pytest.raises(ValueError, match="a mask `where` must be bool"):
+        ix.search(torch.randn(4), 3, where=torch.ones(7, dtype=torch.bool))
     with pytest.raises(ValueError, match="per-query filters"):
         ix.search(torch.randn(3, 4), 3, where=[[C("geo", 1)], [C("geo", 2)]])
     with pytest.raises(ValueError, match="unknown attribute"):
