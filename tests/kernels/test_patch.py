@@ -102,3 +102,24 @@ def test_lm_convergence_triton_vs_torch():
     torch.testing.assert_close(l_triton, l_torch, atol=1e-5, rtol=1e-4)
     for n in sd_torch:
         torch.testing.assert_close(sd_triton[n], sd_torch[n], atol=1e-4, rtol=1e-4, msg=n)
+
+
+def test_modules_drop_in():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    hf = LlamaRMSNorm(24, eps=1e-6)
+    ours = K.RMSNorm(24, eps=1e-6, backend="triton")
+    with torch.no_grad():
+        hf.weight.normal_()
+        ours.weight.copy_(hf.weight)
+    x = torch.randn(3, 5, 24)
+    torch.testing.assert_close(ours(x), hf(x), atol=1e-5, rtol=1e-5)
+    mlp = K.SwiGLUMLP(16, 40, backend="torch")
+    h = torch.randn(2, 3, 16)
+    ref = mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
+    torch.testing.assert_close(mlp(h), ref)
+    loss_fn = K.FusedLinearCrossEntropyLoss(backend="torch")
+    w, y = torch.randn(50, 16), torch.randint(0, 50, (6,))
+    torch.testing.assert_close(loss_fn(h.reshape(6, 16), w, y), torch.nn.functional.cross_entropy(h.reshape(6, 16) @ w.t(), y))
+    with pytest.raises(ValueError, match="backend"):
+        K.RMSNorm(8, backend="gpu")
