@@ -269,3 +269,22 @@ def test_m_sharpness_matches_brute_force_in_1d():
     assert math.isclose(m_sharpness(model, loss, x, y, rho=rho, m=m, steps=3), expected, rel_tol=1e-9)
     # sets of 1 sample are sharper than one set of all 12 (the mSAM papers' premise, exact here)
     assert m_sharpness(model, loss, x, y, rho=rho, m=1) >= m_sharpness(model, loss, x, y, rho=rho, m=12)
+
+
+def test_state_dict_round_trip_resumes_exactly():
+    model, X, Y = _problem()
+    other = _clone(model)
+    kw = dict(rho=0.1, micro_batches=2, lr=0.1, momentum=0.9)
+    order = batch_order(len(X), 16, 2, seed=1)
+    opt = MicroBatchSAM(model.parameters(), torch.optim.SGD, **kw)
+    fit(model, opt, X, Y, order)  # uninterrupted: 6 steps
+    opt2 = MicroBatchSAM(other.parameters(), torch.optim.SGD, **kw)
+    fit(other, opt2, X, Y, order[:3])
+    sd = opt2.state_dict()
+    assert sd["param_groups"][0]["rho"] == 0.1
+    opt3 = MicroBatchSAM(other.parameters(), torch.optim.SGD, rho=0.5, micro_batches=2, lr=0.1, momentum=0.9)
+    opt3.load_state_dict(sd)  # restores rho=0.1 and the momentum buffers
+    assert opt3.param_groups[0]["rho"] == 0.1 and opt3.param_groups is opt3.base_optimizer.param_groups
+    fit(other, opt3, X, Y, order[3:])
+    for p, q in zip(model.parameters(), other.parameters()):
+        assert torch.equal(p, q)
