@@ -313,3 +313,32 @@ def test_trainer_bad_inputs():
         PrefConfig("simpo", beta=0.0)
     with pytest.raises(ValueError, match="needs a frozen reference"):
         train_preference(_tiny_lm(), _pairs(), PrefConfig("dpo", beta=0.1, n_steps=1))
+
+
+class _WordTok:
+    "50 tokens: words from both lexicons, neutral words and newlines."
+
+    WORDS = ["love ", "death ", "the ", "\n", "sweet ", "villain ", "and ", "of ", "joy ", "blood "] * 5
+
+    def __len__(self):
+        return len(self.WORDS)
+
+    def decode(self, ids):
+        return "".join(self.WORDS[i] for i in ids)
+
+
+def test_evaluate_policy_against_itself():
+    from lipapers.alphapo import decode_responses, evaluate_policy, sample_responses
+
+    m, tok, P = _tiny_lm(), _WordTok(), 3
+    prompts = torch.randint(0, 50, (5, P), generator=torch.Generator().manual_seed(0))
+    ids0, attn0 = sample_responses(m, tok, prompts, 2, 6, torch.Generator().manual_seed(7))
+    texts = decode_responses(tok, ids0, attn0, P)
+    g0 = torch.tensor([gold_reward(s, 0.02) for s in texts])
+    s0 = torch.tensor([gold_reward(s, 0.0) for s in texts])
+    ev = evaluate_policy(m, m, tok, prompts, g0, 2, 6, 0.02, torch.Generator().manual_seed(7), s_init=s0)
+    # the same model with the same random stream draws the same responses: all ties, zero KL
+    assert ev["win_rate"] == 0.5 and ev["win_rate_lc"] == 0.5 and ev["kl"] == 0.0
+    assert ev["gold"] == pytest.approx(g0.mean().item()) and ev["sentiment"] == pytest.approx(s0.mean().item())
+    with pytest.raises(ValueError, match="g_init must have shape"):
+        evaluate_policy(m, m, tok, prompts, g0[:3], 2, 6, 0.02)
