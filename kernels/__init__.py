@@ -39,13 +39,11 @@ def resolve_backend(backend, *tensors):
 
 
 def _triton(name):
-    """Import kernels/<name>.py on first use; on a machine without CUDA switch Triton to its interpreter first."""
+    """Import kernels/triton_<name>.py on first use; on a machine without CUDA switch Triton to its interpreter first.
+    (The files carry a `triton_` prefix so that no submodule shadows the function of the same name in this package.)"""
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    public = {k: globals()[k] for k in __all__}
-    mod = importlib.import_module(f"{__name__}.{name}")
-    globals().update(public)  # importing kernels/rms_norm.py sets the package attribute `rms_norm`: restore the function
-    return mod
+    return importlib.import_module(f"{__name__}.triton_{name}")
 
 
 def _check_float(name, t, backend):

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from nbdev.config import get_config
 from nbdev.doclinks import nbglob
-from nbdev.test import test_nb
+from nbdev.test import test_nb as run_nb
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted(Path(p) for p in nbglob(ROOT / "nbs"))
@@ -14,5 +14,5 @@ NOTEBOOKS = sorted(Path(p) for p in nbglob(ROOT / "nbs"))
 @pytest.mark.notebooks
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=[str(p.relative_to(ROOT / "nbs")) for p in NOTEBOOKS])
 def test_notebook_runs_at_defaults(nb):
-    ok, seconds = test_nb(nb, skip_flags=get_config().tst_flags.split())
+    ok, seconds = run_nb(nb, skip_flags=get_config().tst_flags.split())
     assert ok, f"{nb.name} failed (see the traceback above)"

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .cross_entropy import vocab_block
+from .triton_cross_entropy import vocab_block
 
 
 @triton.jit

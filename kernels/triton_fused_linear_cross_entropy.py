@@ -8,7 +8,7 @@ c = flce_chunk_rows(N, H, V) ~= H, so the chunk is about the size of the weight.
 
 import torch
 
-from .cross_entropy import ce_forward
+from .triton_cross_entropy import ce_forward
 
 
 def ce_chunk_triton(z, target, ignore_index, label_smoothing, scale, grad):

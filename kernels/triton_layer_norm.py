@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rms_norm import block_size, num_programs_for_dw
+from .triton_rms_norm import block_size, num_programs_for_dw
 
 
 @triton.jit
