@@ -506,6 +506,15 @@ def pretrained_tiny(cfg:LMConfig=TINY, # model shape
             r = load_lm(d, backend); r.info["cache"] = str(d); r.info["cache_hit"] = True
             return r
         except Exception as e: warnings.warn(f"rebuilding the cached tiny LM: {e}")
+    from filelock import FileLock
+    with FileLock(str(root / f"{d.name}.lock")):  # concurrent callers (parallel tests, sweeps) build once, then load
+        if d.exists() and not rebuild and verify_manifest(d):
+            r = load_lm(d, backend); r.info["cache"] = str(d); r.info["cache_hit"] = True
+            return r
+        return _build_and_cache(cfg, tcfg, seed, valid_every, progress, threads, root, d, backend)
+
+def _build_and_cache(cfg, tcfg, seed, valid_every, progress, threads, root, d, backend):
+    "Train the tiny LM and move its files into place atomically."
     prev = torch.get_num_threads(); torch.set_num_threads(threads)
     try: model, tok, info = _build_tiny(cfg, tcfg, seed, valid_every, progress)
     finally: torch.set_num_threads(prev)
