@@ -35,7 +35,7 @@ def test_sidebar_lists_every_chapter_notebook():
 
 
 def html_text(f):
-    """The visible text of a page (scripts and styles dropped)."""
+    """The visible prose of a page (scripts, styles and code dropped)."""
     from html.parser import HTMLParser
 
     class Text(HTMLParser):
@@ -44,10 +44,10 @@ def html_text(f):
             self.parts, self.skip = [], 0
 
         def handle_starttag(self, tag, attrs):
-            self.skip += tag in ("script", "style")
+            self.skip += tag in ("script", "style", "code", "pre")  # code may quote Quarto markup on purpose
 
         def handle_endtag(self, tag):
-            self.skip -= tag in ("script", "style") and self.skip > 0
+            self.skip -= tag in ("script", "style", "code", "pre") and self.skip > 0
 
         def handle_data(self, data):
             if not self.skip:
@@ -125,6 +125,7 @@ def test_every_sidebar_page_was_built_and_links_hold(site):
         text = html_text(f)
         found = [x for x in leaks if x in text]
         assert not found, f"{f.relative_to(out)} shows Quarto markup {found}"
+        assert 'class="c1">#|' not in f.read_text(), f"{f.relative_to(out)} shows a `#|` directive in a code cell"
     assert not (out / "_static" / "plotly.min.js").read_text().startswith("<"), "plotly.js is served locally"
 
 
@@ -164,7 +165,7 @@ def test_jupyterlab_runs_a_chapter(browser, tmp_path):
     port, token = free_port(), os.urandom(8).hex()
     env = dict(os.environ, LIPAPERS_LAB_TOKEN=token, JUPYTER_RUNTIME_DIR=str(tmp_path / "rt"), JUPYTERLAB_WORKSPACES_DIR=str(tmp_path / "ws"))
     lab = subprocess.Popen([str(Path(sys.executable).parent / "lipapers"), "lab", "--port", str(port), "--",
-                            "--LabApp.expose_app_in_browser=True"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            "--LabApp.expose_app_in_browser=True", f"--FileCheckpoints.checkpoint_dir={tmp_path / 'checkpoints'}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_http(f"http://127.0.0.1:{port}/api/status?token={token}", 120)
         settings = json.loads((Path(sys.prefix) / "share/jupyter/lab/settings/overrides.json").read_text())

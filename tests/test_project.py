@@ -30,7 +30,13 @@ def regenerated(tmp_path_factory):
 
 
 def files(root, pattern):
-    return {p.relative_to(root): p.read_bytes() for p in root.glob(pattern) if "__pycache__" not in p.parts}
+    """Files under root, skipping caches and dot-folders (checkpoints), which nbdev ignores too."""
+    found = {}
+    for p in root.glob(pattern):
+        rel = p.relative_to(root)
+        if "__pycache__" not in rel.parts and not any(part.startswith(".") for part in rel.parts):
+            found[rel] = p.read_bytes()
+    return found
 
 
 def test_exported_code_in_sync_with_notebooks(regenerated):
@@ -76,7 +82,8 @@ def test_every_chapter_follows_the_contract():
         for preset in ch.presets.values():
             assert preset.target, f"{name}: preset {preset.name} names no paper table/figure"
         text = ch.path.read_text()
-        assert "Reproduction status" in text, f"{name}: no 'Reproduction status' section"
+        if ch.path.parent != ROOT / "nbs":  # a paper chapter (substrates like world and lm sit at the top of nbs/)
+            assert "Reproduction status" in text, f"{name}: no 'Reproduction status' section"
         assert "Recorder(" in text, f"{name}: results are not written through lipapers.core.Recorder"
 
 
@@ -96,18 +103,21 @@ def test_no_cell_mixes_imports_with_code():
     import ast
 
     bad = []
-    for p in sorted((ROOT / "nbs").rglob("*.ipynb")):
+    for p in sorted(files(ROOT / "nbs", "**/*.ipynb")):
+        p = ROOT / "nbs" / p
         for i, c in enumerate(json.loads(p.read_text())["cells"]):
             src = "".join(c["source"]) if isinstance(c["source"], list) else c["source"]
             if c["cell_type"] != "code" or EXPORT_DIRECTIVE.search(src) or "eval: false" in src:
                 continue
-            nodes = list(ast.walk(ast.parse(src.replace("%", "#"))))
+            code = "\n".join("" if line.lstrip().startswith(("%", "!")) else line for line in src.splitlines())  # IPython magics
+            nodes = list(ast.walk(ast.parse(code)))
             if any(isinstance(n, (ast.Import, ast.ImportFrom)) for n in nodes) and any(isinstance(n, (ast.Expr, ast.Assign)) for n in nodes):
                 bad.append(f"{p.relative_to(ROOT)} cell {i}")
     assert not bad, f"cells mixing imports and code: {bad}"
 
 
 def test_every_notebook_names_the_python3_kernel():
-    for p in sorted((ROOT / "nbs").rglob("*.ipynb")):
+    for p in sorted(files(ROOT / "nbs", "**/*.ipynb")):
+        p = ROOT / "nbs" / p
         meta = json.loads(p.read_text())["metadata"]
         assert meta.get("kernelspec", {}).get("name") == "python3", f"{p.relative_to(ROOT)}: kernelspec must be python3"
