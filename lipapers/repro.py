@@ -196,7 +196,7 @@ class RunResult:
     "Outcome of one run."
     chapter:str; preset:str; run_id:str; path:Path; status:str; params:dict; error:str=""; seconds:float=0.0
 
-def _exec_child(nb:Path, out:Path, params:dict, cwd:Path, log:Path):
+def _exec_child(nb:Path, out:Path, params:dict, cwd:Path):
     "Run in the child process: execute the notebook with papermill, record a failing cell in error.json."
     import papermill as pm
     try:
@@ -252,9 +252,10 @@ def execute(ch:Chapter, preset:str, params:dict, root:Path, force:bool=False, ti
     (tmp/"params.json").write_text(json.dumps(dict(chapter=ch.name, preset=preset, run_id=rid, notebook=str(ch.path), params=params), indent=1, default=str))
     (tmp/"env.json").write_text(json.dumps(env_record(seed=params.get("seed")), indent=1, default=str))
     t0 = time.time()
-    cmd = [sys.executable, "-c", "import json,sys; from pathlib import Path; from lipapers.repro import _exec_child; a=json.load(open(sys.argv[1])); _exec_child(Path(a['nb']), Path(a['out']), a['params'], Path(a['cwd']), None)", str(tmp/"spec.json")]
+    cmd = [sys.executable, "-c", "import json,sys; from pathlib import Path; from lipapers.repro import _exec_child; a=json.load(open(sys.argv[1])); _exec_child(Path(a['nb']), Path(a['out']), a['params'], Path(a['cwd']))", str(tmp/"spec.json")]
     (tmp/"spec.json").write_text(json.dumps(dict(nb=str(ch.path), out=str(tmp/"executed.ipynb"), params=params, cwd=str(ch.path.parent))))
-    try: rc = subprocess.run(cmd, env=_child_env(tmp), timeout=timeout, stdout=open(tmp/"stdout.log", "w"), stderr=subprocess.STDOUT).returncode
+    try:
+        with open(tmp/"stdout.log", "w") as log: rc = subprocess.run(cmd, env=_child_env(tmp), timeout=timeout, stdout=log, stderr=subprocess.STDOUT).returncode
     except subprocess.TimeoutExpired: rc = -1; (tmp/"error.json").write_text(json.dumps(dict(cell_index=None, ename="TimeoutError", evalue=f"run exceeded {timeout}s", source="")))
     (tmp/"spec.json").unlink(missing_ok=True)
     err = ""
