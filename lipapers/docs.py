@@ -134,8 +134,9 @@ def link_rewriter(page:str, outfile_map:dict, doc_host:str, git_url:str):
 # %% ../nbs/04_docs.ipynb #ea8700cb
 def _nbdev_process(root:Path)->Path:
     "nbdev's processing of every notebook into `_proc/` (what `nbdev_proc_nbs` does, minus installing Quarto)."
-    code = ("from nbdev.quarto import refresh_quarto_yml, proc_nbs\nimport nbdev.doclinks\n"
-            "if __name__ == '__main__':\n    refresh_quarto_yml(); nbdev.doclinks._build_modidx(); proc_nbs(n_workers=0)\n")
+    # no _build_modidx here: lipapers/_modidx.py is nbdev_export's output, and a test checks it is in sync
+    code = ("from nbdev.quarto import refresh_quarto_yml, proc_nbs\n"
+            "if __name__ == '__main__':\n    refresh_quarto_yml(); proc_nbs(n_workers=0)\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, env=dict(os.environ, PLOTLY_RENDERER="plotly_mimetype"))
     if r.returncode != 0: raise RuntimeError(f"nbdev processing failed:\n{r.stderr[-3000:]}")
     return root/"_proc"
