@@ -86,3 +86,74 @@ def test_recorder_writes_long_format(tmp_path):
     assert df.columns[:5] == ["method", "metric", "value", "unit", "step"]
     assert df["value"].to_list() == [0.75]
     assert not list(tmp_path.glob(".*"))  # atomic write leaves no temporary behind
+
+
+# --- claims machinery -------------------------------------------------------------------------------------------
+import numpy as np
+import polars as pl
+import pytest
+from lipapers import core
+from lipapers.core import Claim, paired_stats, verdict, status_table
+
+
+def _results(treat, base, seeds=None):
+    seeds = list(range(len(treat))) if seeds is None else seeds
+    rows = [dict(method="a", metric="m", value=float(v), seed=s) for v, s in zip(treat, seeds)]
+    return pl.DataFrame(rows + [dict(method="b", metric="m", value=float(v), seed=s) for v, s in zip(base, range(len(base)))])
+
+
+def test_paired_stats_matches_statsmodels_free_formula():
+    d = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+    s = paired_stats(d)
+    from scipy import stats
+    half = stats.t.ppf(0.975, 4) * d.std(ddof=1) / np.sqrt(5)
+    assert s.lo == pytest.approx(3 - half) and s.hi == pytest.approx(3 + half)
+    assert s.mde == pytest.approx((stats.t.ppf(0.975, 4) + stats.t.ppf(0.8, 4)) * d.std(ddof=1) / np.sqrt(5))
+
+
+@pytest.mark.parametrize("direction,treat,label", [
+    ("higher", [1.1, 1.2, 1.15, 1.12], "reproduced"),
+    ("lower", [1.1, 1.2, 1.15, 1.12], "contradicted"),
+    ("lower", [0.9, 0.8, 0.85, 0.88], "reproduced"),
+    ("higher", [1.0, 1.001, 0.999, 1.0], "contradicted"),
+    ("higher", [1.5, 0.5, 1.6, 0.4], "cannot discriminate"),
+])
+def test_verdict_rule(direction, treat, label):
+    c = Claim("C", "s", "cited", "m", "a", "b", effect=0.1, direction=direction)
+    assert verdict(c, _results(treat, [1.0] * 4)).label == label
+
+
+def test_single_seed_cannot_discriminate_and_gpu_claims_not_run():
+    c = Claim("C", "s", "cited", "m", "a", "b", effect=0.1)
+    assert verdict(c, _results([2.0], [1.0])).label == "cannot discriminate"
+    g = Claim("G", "s", "cited", "tflops", "a", "b", effect=0.1, needs="gpu")
+    assert verdict(g, _results([2.0], [1.0])).label == "not run"
+
+
+def test_one_sample_claim_against_a_threshold():
+    c = Claim("M", "memory ≤ 0.2× naive", "cited", "m", "a", direction="lower", null=0.2, effect=0.05)
+    df = pl.DataFrame([dict(method="a", metric="m", value=v, seed=i) for i, v in enumerate([0.15, 0.16, 0.14])])
+    assert verdict(c, df).label == "reproduced"
+
+
+def test_requires_a_reproduced_control():
+    ctl = Claim("C0", "s", "cited", "m", "a", "b", effect=5.0)  # far below the claimed effect: contradicted
+    c = Claim("C1", "s", "cited", "m", "a", "b", effect=0.01, requires=("C0",))
+    t = status_table([ctl, c], _results([1.5, 0.6, 1.6, 0.7], [1.0] * 4))
+    assert t["verdict"].to_list() == ["contradicted", "cannot discriminate"]
+    assert "control C0" in t["why"][1]
+
+
+def test_load_claims_validates(tmp_path, monkeypatch):
+    (tmp_path / "settings.ini").write_text("[DEFAULT]\n")
+    part = tmp_path / "nbs" / "part"
+    (part / "claims").mkdir(parents=True); (part / "presets" / "ch").mkdir(parents=True)
+    (part / "presets" / "ch" / "paper.yaml").write_text("params: {}\n")
+    monkeypatch.chdir(tmp_path)
+    f = part / "claims" / "ch.yaml"
+    f.write_text("claims:\n  - {id: C1, statement: s, cited: c, metric: m, method: a, colour: red}\n")
+    with pytest.raises(ValueError, match="unknown fields \\['colour'\\]"): core.load_claims("ch")
+    f.write_text("claims:\n  - {id: C1, statement: s, cited: c, metric: m, method: a, where: {preset: tiny}}\n")
+    with pytest.raises(ValueError, match="preset 'paper' has no claims"): core.load_claims("ch")
+    f.write_text("claims:\n  - {id: C1, statement: s, cited: c, metric: m, method: a, where: {preset: [tiny, paper]}}\n")
+    assert [c.id for c in core.load_claims("ch")] == ["C1"]
