@@ -14,7 +14,7 @@ import torch
 # %% auto #0
 __all__ = ['INSTALL', 'FASHION_DIR', 'FASHION_CLASSES', 'DATASETS', 'DataError', 'pkg_dir', 'sha256', 'MovieLens',
            'movielens_100k', 'time_split', 'OpenBandit', 'open_bandit', 'shakespeare_works', 'shakespeare_text',
-           'fashion_mnist', 'digits', 'load']
+           'fashion_mnist', 'digits', 'load', 'cdnow']
 
 # %% ../nbs/02_data.ipynb #9c9f0806
 class DataError(RuntimeError):
@@ -197,3 +197,33 @@ def load(name:str, # one of `DATASETS`
     "Load dataset `name` with its loader's keyword arguments."
     if name not in DATASETS: raise ValueError(f"unknown dataset {name!r}; valid names: {sorted(DATASETS)}")
     return DATASETS[name](**kwargs)
+
+# %% ../nbs/02_data.ipynb #cdnow01
+_CDNOW_SHA = "eff6889ed364c5199d6eacbbeb7a6d559971df4406ac876f322c373f00a072ef"
+INSTALL["lifetimes"] = "pip install --no-deps lifetimes==0.11.3"
+
+def _cdnow_log()->pl.DataFrame:
+    "The checked CDNOW master file as a typed frame."
+    b = _read_checked(pkg_dir("lifetimes") / "datasets" / "CDNOW_master.txt", _CDNOW_SHA, INSTALL["lifetimes"])
+    a = np.array(b.decode().split()[4:]).reshape(-1, 4)  # header: customer_id date number_of_cds dollar_value
+    return pl.DataFrame({"customer_id": a[:, 0].astype(np.int32), "date": a[:, 1], "number_of_cds": a[:, 2].astype(np.int32),
+                         "dollar_value": a[:, 3].astype(np.float64)}).with_columns(pl.col("date").str.strptime(pl.Date, "%Y%m%d"))
+
+# %% ../nbs/02_data.ipynb #cdnow02
+def cdnow(what:str="transactions", # "transactions" (one row per purchase) or "spend" (one row per customer)
+          start:str="1997-07-01", # first day of the spend window (ISO date), inclusive
+          end:str="1998-06-30", # last day of the spend window (ISO date), inclusive
+         )->pl.DataFrame:
+    "CDNOW purchases (customer_id, date, number_of_cds, dollar_value), or each customer's spend over a window."
+    if what not in ("transactions", "spend"): raise ValueError(f"what must be one of ['transactions', 'spend'], got {what!r}")
+    import datetime as dt
+    try: s, e = dt.date.fromisoformat(start), dt.date.fromisoformat(end)
+    except (TypeError, ValueError): raise ValueError(f"start and end must be ISO dates YYYY-MM-DD, got {start!r}, {end!r}")
+    if s > e: raise ValueError(f"start {start} is after end {end}")
+    log = _cdnow_log()
+    if what == "transactions": return log
+    inside = log.filter(pl.col("date").is_between(s, e)).group_by("customer_id").agg(pl.col("dollar_value").sum().alias("spend"))
+    return (log.select("customer_id").unique().join(inside, on="customer_id", how="left")
+            .with_columns(pl.col("spend").fill_null(0.0)).sort("customer_id"))
+
+DATASETS["cdnow"] = cdnow
