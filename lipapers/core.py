@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #d61d13dc
 from __future__ import annotations
-import gc, json, os, platform, random, subprocess, sys, tempfile, time
+import gc, json, os, platform, random, re, subprocess, sys, tempfile, time
 from dataclasses import dataclass, asdict, field, fields
 from importlib import metadata
 from pathlib import Path
@@ -14,8 +14,8 @@ import numpy as np, torch
 __all__ = ['RUN_DIR_ENV', 'RUN_ID_ENV', 'VERDICTS', 'PALETTE', 'default_device', 'seed_everything', 'Timing', 'bench_compare',
            'bench', 'peak_memory', 'project_root', 'device_name', 'env_record', 'cache_dir', 'atomic_write_bytes',
            'runs_root', 'Recorder', 'Paired', 'paired_stats', 'Claim', 'Verdict', 'verdict', 'status_table',
-           'markdown_table', 'show_status', 'load_claims', 'committed_results', 'md', 'batches', 'TrainLog',
-           'train_loop', 'color_map']
+           'markdown_table', 'show_status', 'load_claims', 'committed_results', 'md', 'chapter_overview',
+           'overview_markdown', 'batches', 'TrainLog', 'train_loop', 'color_map']
 
 # %% ../nbs/00_core.ipynb #356a229f
 _DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -493,6 +493,48 @@ def md(text:str)->"IPython.display.Markdown":
     "Render prose whose numbers come from data: `md(f'AUC rose by {lift:.2f} %')`."
     from IPython.display import Markdown
     return Markdown(text)
+
+# %% ../nbs/00_core.ipynb #af5abe50
+def _chapter_notebook(chapter:str)->Path|None:
+    "The notebook whose `#| default_exp` is `chapter`."
+    pat = re.compile(rf"#\|\s*default_exp\s+{re.escape(chapter)}\s")
+    for p in sorted((project_root()/"nbs").glob("**/*.ipynb")):
+        if ".ipynb_checkpoints" not in p.parts and pat.search(p.read_text()[:4000]): return p
+    return None
+
+def _title(nb:Path)->str:
+    for c in json.loads(nb.read_text())["cells"]:
+        s = "".join(c["source"])
+        if c["cell_type"] == "markdown" and s.startswith("# "): return s.splitlines()[0][2:].strip()
+    return nb.stem
+
+def chapter_overview()->"pl.DataFrame":
+    "One row per chapter with a claims file: its page, paper, and verdict counts from its committed results."
+    import polars as pl, yaml
+    rows = []
+    for f in sorted((project_root()/"nbs").glob("**/claims/*.yaml")):
+        ch, meta = f.stem, yaml.safe_load(f.read_text()) or {}
+        nb = _chapter_notebook(ch)
+        page = str(nb.relative_to(project_root()/"nbs")) if nb else ""
+        row = dict(chapter=ch, page=page, title=_title(nb) if nb else ch, paper=meta.get("paper", ""),
+                   url=meta.get("url", ""), reproduces=meta.get("reproduces", ""))
+        try: counts = status_table(load_claims(ch), committed_results(ch), ch)["verdict"].value_counts()
+        except FileNotFoundError as e: counts, row["note"] = None, str(e)
+        for v in VERDICTS: row[v] = 0 if counts is None else int(counts.filter(pl.col("verdict") == v)["count"].sum())
+        rows.append(row)
+    return pl.DataFrame(rows, infer_schema_length=None)
+
+def overview_markdown(df)->str:
+    "The home page's chapter table: linked page and paper, what is reproduced, verdict counts."
+    if df.is_empty(): return "(no chapter has written its claims as data yet)"
+    rows = []
+    for r in df.sort("page").iter_rows(named=True):
+        counts = ", ".join(f"{r[v]} {v}" for v in VERDICTS if r[v]) or r.get("note") or "no claims"
+        paper = f"[{r['paper']}]({r['url']})" if r["url"] else r["paper"]
+        rows.append(dict(chapter=f"[{r['title']}]({r['page']})", paper=paper, module=f"`lipapers.{r['chapter']}`",
+                         reproduces=r["reproduces"], verdicts=counts))
+    import polars as pl
+    return markdown_table(pl.DataFrame(rows), ["chapter", "paper", "module", "reproduces", "verdicts"])
 
 # %% ../nbs/00_core.ipynb #d52c5d78
 def batches(n:int, # number of examples
