@@ -41,18 +41,22 @@ def seed_everything(seed:int, # the seed for python, numpy and torch
     seed = int(seed)
     random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)  # torch.manual_seed also seeds every CUDA device
     if deterministic: torch.use_deterministic_algorithms(True, warn_only=True)
-    return dict(seed=seed, python=True, numpy=True, torch=True, cuda=torch.cuda.is_available(), deterministic=deterministic)
+    return dict(seed=seed, python=True, numpy=True, torch=True, cuda=torch.cuda.is_available(),
+                deterministic=deterministic)
 
-# %% ../nbs/00_core.ipynb #e3e2517e
+# %% ../nbs/00_core.ipynb #fd65f095
 @dataclass
 class Timing:
     "Wall-time statistics of one benchmarked function, in seconds."
     median:float; p20:float; p80:float; n:int; device:str
-    def __repr__(self): return f"Timing(median={self.median*1e3:.3f} ms, p20={self.p20*1e3:.3f}, p80={self.p80*1e3:.3f}, n={self.n}, {self.device})"
+    def __repr__(self): return (f"Timing(median={self.median*1e3:.3f} ms, p20={self.p20*1e3:.3f}, "
+                                f"p80={self.p80*1e3:.3f}, n={self.n}, {self.device})")
 
+# %% ../nbs/00_core.ipynb #cb060026
 def _sync(device): 
     if device.type == "cuda": torch.cuda.synchronize(device)
 
+# %% ../nbs/00_core.ipynb #d9d3d727
 def _time_once(fn, device:torch.device)->float:
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -61,11 +65,12 @@ def _time_once(fn, device:torch.device)->float:
     t0 = time.perf_counter(); fn(); _sync(device)
     return time.perf_counter() - t0
 
+# %% ../nbs/00_core.ipynb #c7abc491
 def _stats(xs, device)->Timing:
     q = np.quantile(np.asarray(xs), [0.5, 0.2, 0.8])
     return Timing(float(q[0]), float(q[1]), float(q[2]), len(xs), str(device))
 
-# %% ../nbs/00_core.ipynb #3c00680a
+# %% ../nbs/00_core.ipynb #06f1b75c
 def bench_compare(fns:dict, # name -> zero-argument callable
                   repeats:int=10, # timed repeats of each function
                   warmup:int=2, # untimed calls of each before timing
@@ -82,16 +87,18 @@ def bench_compare(fns:dict, # name -> zero-argument callable
         for k, f in fns.items(): times[k].append(_time_once(f, device))
     return {k: _stats(v, device) for k, v in times.items()}
 
+# %% ../nbs/00_core.ipynb #b061eac5
 def bench(fn, repeats:int=10, warmup:int=2, device:str|torch.device="cpu")->Timing:
     "Median and p20/p80 wall time of `fn()` after warm-up."
     return bench_compare({"fn": fn}, repeats, warmup, device)["fn"]
 
-# %% ../nbs/00_core.ipynb #d0faf2ad
+# %% ../nbs/00_core.ipynb #492bea20
 _PEAK_CHILD = r"""
 import ctypes, gc, json, pickle, sys
 from pathlib import Path
 def kb(field):
-    return next(int(l.split()[1]) for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field + ":"))
+    lines = Path("/proc/self/status").read_text().splitlines()
+    return next(int(l.split()[1]) for l in lines if l.startswith(field + ":"))
 try:
     fn = pickle.loads(sys.stdin.buffer.read())
     gc.collect()
@@ -105,7 +112,7 @@ except BaseException as e:
     print(json.dumps({"err": f"{type(e).__name__}: {e}"}))
 """
 
-# %% ../nbs/00_core.ipynb #c371b1bb
+# %% ../nbs/00_core.ipynb #d601ebbb
 def peak_memory(fn, # zero-argument callable to measure; on CPU it runs in a fresh child interpreter
                 device:str|torch.device="cpu", # "cpu" (child-process RSS) or a cuda device (allocator peak)
                 timeout:float=600, # seconds before the child is killed
@@ -116,17 +123,20 @@ def peak_memory(fn, # zero-argument callable to measure; on CPU it runs in a fre
         torch.cuda.synchronize(device); torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device); fn(); torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
-    if not Path("/proc/self/clear_refs").exists(): raise RuntimeError("CPU peak memory needs Linux /proc/self/clear_refs")
+    if not Path("/proc/self/clear_refs").exists():
+        raise RuntimeError("CPU peak memory needs Linux /proc/self/clear_refs")
     import cloudpickle
-    r = subprocess.run([sys.executable, "-c", _PEAK_CHILD], input=cloudpickle.dumps(fn), capture_output=True, timeout=timeout, cwd=os.getcwd())
+    r = subprocess.run([sys.executable, "-c", _PEAK_CHILD], input=cloudpickle.dumps(fn), capture_output=True,
+                       timeout=timeout, cwd=os.getcwd())
     line = r.stdout.decode().strip().splitlines()[-1:] 
     if r.returncode != 0 or not line: raise RuntimeError(f"peak_memory child failed: {r.stderr.decode()[-2000:]}")
     res = json.loads(line[0])
     if "err" in res: raise RuntimeError(f"measured function failed in the child: {res['err']}")
     return res["ok"]
 
-# %% ../nbs/00_core.ipynb #05ab8c6c
-_PKGS = ("torch", "triton", "numpy", "polars", "plotly", "papermill", "nbdev", "transformers", "scikit-learn", "faiss-cpu", "liger-kernel")
+# %% ../nbs/00_core.ipynb #32a4f4b1
+_PKGS = ("torch", "triton", "numpy", "polars", "plotly", "papermill", "nbdev", "transformers", "scikit-learn",
+         "faiss-cpu", "liger-kernel")
 
 def project_root(start:Path|None=None)->Path:
     "The folder holding `settings.ini`, searching upward from `start` (default: cwd, then this package)."
@@ -136,15 +146,17 @@ def project_root(start:Path|None=None)->Path:
             if (d/"settings.ini").exists() and (d/"nbs").is_dir(): return d
     raise FileNotFoundError("no lipapers project (settings.ini + nbs/) above the current folder")
 
+# %% ../nbs/00_core.ipynb #b1529974
 def _git(*args, cwd=None):
     try: return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10).stdout.strip()
     except Exception: return ""
 
+# %% ../nbs/00_core.ipynb #7d2ca075
 def _version(pkg):
     try: return metadata.version(pkg)
     except metadata.PackageNotFoundError: return None
 
-# %% ../nbs/00_core.ipynb #515e9a5f
+# %% ../nbs/00_core.ipynb #f210d8bc
 def device_name(device:str|torch.device="auto")->str:
     "A human-readable name of the device (GPU model or CPU model)."
     d = default_device(device)
@@ -154,14 +166,18 @@ def device_name(device:str|torch.device="auto")->str:
     except Exception: pass
     return f"{d.type}: {cpu} ({os.cpu_count()} cores)"
 
+# %% ../nbs/00_core.ipynb #74dbe20d
 def env_record(seed:int|None=None, device:str|torch.device="auto")->dict:
     "Where and with what a run executed: git, versions, device, threads, seed."
     try: root = project_root()
     except FileNotFoundError: root = None
     sha = _git("rev-parse", "HEAD", cwd=root)
-    return dict(git_sha=sha or None, git_dirty=bool(_git("status", "--porcelain", "--untracked-files=no", cwd=root)) if sha else None,
-                python=platform.python_version(), platform=platform.platform(), versions={p: _version(p) for p in _PKGS},
-                device=str(default_device(device)), device_name=device_name(device), torch_threads=torch.get_num_threads(),
+    return dict(git_sha=sha or None, git_dirty=bool(_git("status", "--porcelain", "--untracked-files=no",
+                                                         cwd=root)) if sha else None,
+                python=platform.python_version(), platform=platform.platform(),
+                versions={p: _version(p) for p in _PKGS},
+                device=str(default_device(device)), device_name=device_name(device),
+                torch_threads=torch.get_num_threads(),
                 cuda=torch.version.cuda, triton_interpret=os.environ.get("TRITON_INTERPRET") == "1", seed=seed,
                 timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
@@ -179,7 +195,7 @@ def atomic_write_bytes(path:Path, data:bytes):
     with os.fdopen(fd, "wb") as f: f.write(data); f.flush(); os.fsync(f.fileno())
     os.replace(tmp, path)
 
-# %% ../nbs/00_core.ipynb #aed591df
+# %% ../nbs/00_core.ipynb #f0bf7b0d
 RUN_DIR_ENV, RUN_ID_ENV = "LIPAPERS_RUN_DIR", "LIPAPERS_RUN_ID"
 
 def runs_root()->Path:
@@ -188,6 +204,7 @@ def runs_root()->Path:
     try: return project_root()/"runs"
     except FileNotFoundError: return Path(tempfile.gettempdir())/"lipapers-runs"
 
+# %% ../nbs/00_core.ipynb #a67dc812
 def _run_id_of(run_dir:Path)->str|None:
     "The runner's run id: from `$LIPAPERS_RUN_ID`, else from its folder name (`<id>` or `.<id>.tmp-…`)."
     if os.environ.get(RUN_ID_ENV): return os.environ[RUN_ID_ENV]
@@ -195,11 +212,11 @@ def _run_id_of(run_dir:Path)->str|None:
     m = re.fullmatch(r"\.?([0-9a-f]{12})(\.tmp-.*)?", Path(run_dir).name)
     return m.group(1) if m else None
 
-# %% ../nbs/00_core.ipynb #8c9cea52
+# %% ../nbs/00_core.ipynb #3398cdd0
 class Recorder:
     "Collects a chapter's long-format metrics and figures and writes them to the run folder."
     def __init__(self, chapter:str, # module name of the chapter, e.g. "lirank"
-                 run_dir:str|Path|None=None, # default: $LIPAPERS_RUN_DIR (set by the runner), else runs/<chapter>/interactive
+                 run_dir:str|Path|None=None, # default: $LIPAPERS_RUN_DIR (the runner), else runs/<chapter>/interactive
                 ):
         self.chapter, self.rows = chapter, []
         under_runner = run_dir is None and bool(os.environ.get(RUN_DIR_ENV))
@@ -210,7 +227,7 @@ class Recorder:
         self.stamp = dict(run_id=self.run_id, device=env["device_name"], git_commit=env["git_sha"] or "unknown")
     def __repr__(self): return f"Recorder({self.chapter!r}, run {self.run_id}, {len(self.rows)} rows → {self.run_dir})"
 
-# %% ../nbs/00_core.ipynb #4bf3e87b
+# %% ../nbs/00_core.ipynb #a0a5a9cb
 from fastcore.basics import patch
 
 @patch
@@ -218,9 +235,11 @@ def log(self:Recorder, method:str, metric:str, value:float, unit:str="", step:in
     "Add one metrics row; `extra` become extra columns (e.g. `x_name='V', x_value=32768`)."
     if not isinstance(method, str) or not isinstance(metric, str): raise TypeError("method and metric must be str")
     v = float(value)
-    self.rows.append(dict(method=method, metric=metric, value=v, unit=unit, step=None if step is None else int(step), **extra))
+    self.rows.append(dict(method=method, metric=metric, value=v, unit=unit, step=None if step is None else int(step),
+                          **extra))
     return v
 
+# %% ../nbs/00_core.ipynb #0d246084
 @patch
 def frame(self:Recorder):
     "The metrics so far as a polars DataFrame, each row stamped with run id, device and git commit."
@@ -229,6 +248,7 @@ def frame(self:Recorder):
     df = pl.DataFrame(self.rows, infer_schema_length=None) if self.rows else pl.DataFrame(schema=schema)
     return df.with_columns(**{k: pl.lit(v, pl.Utf8) for k, v in self.stamp.items() if k not in df.columns})
 
+# %% ../nbs/00_core.ipynb #86821b78
 @patch
 def save(self:Recorder)->Path:
     "Write `metrics.parquet` atomically; return its path."
@@ -251,7 +271,7 @@ def figure(self:Recorder, fig, name:str):
     atomic_write_bytes(d/f"{name}.html", fig.to_html(include_plotlyjs=src, full_html=True).encode())
     return fig
 
-# %% ../nbs/00_core.ipynb #16d92100
+# %% ../nbs/00_core.ipynb #07486abe
 @dataclass
 class Paired:
     "Summary of paired differences: mean, confidence interval, spread, n and the minimum detectable effect."
@@ -262,6 +282,7 @@ class Paired:
         if self.n < 2 or not np.isfinite(self.lo): return f"{self.mean:+.{digits}f}{u} (n={self.n})"
         return f"{self.mean:+.{digits}f} [{self.lo:+.{digits}f}, {self.hi:+.{digits}f}]{u}"
 
+# %% ../nbs/00_core.ipynb #7a399a2b
 def paired_stats(diffs, # paired differences, one per seed (treatment − baseline)
                  level:float=0.95, # two-sided confidence level of the interval
                  power:float=0.8, # power at which the minimum detectable effect is computed
@@ -284,7 +305,7 @@ def paired_stats(diffs, # paired differences, one per seed (treatment − baseli
         lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
     return Paired(m, float(lo), float(hi), sd, n, mde, level, method)
 
-# %% ../nbs/00_core.ipynb #a53e1df0
+# %% ../nbs/00_core.ipynb #10830fc8
 VERDICTS = ("reproduced", "contradicted", "cannot discriminate", "not run")
 _DIRECTIONS = ("higher", "lower", "parity")
 
@@ -309,27 +330,32 @@ class Claim:
     needs:str|None=None # "gpu": a claim this machine cannot run; "not run" when no rows exist
     unit:str="" # unit of the difference, for display ("% AUC", "pt", "×")
     ci:str="t" # interval: "t" or "bootstrap"
+    def __post_init__(self): _check_claim(self)
 
-    def __post_init__(self):
-        bad = lambda f, v, ok: ValueError(f"claim {self.id}: {f} must be {ok}, got {v!r}")
-        if self.direction not in _DIRECTIONS: raise bad("direction", self.direction, " | ".join(_DIRECTIONS))
-        if self.direction == "parity" and (self.tolerance is None or self.tolerance <= 0):
-            raise bad("tolerance", self.tolerance, "a positive number for a parity claim")
-        if self.direction != "parity" and self.effect is not None and self.effect <= 0:
-            raise bad("effect", self.effect, "positive (the size of the paper's effect in its own direction)")
-        if self.agg not in (None, "mean", "last", "min", "max"): raise bad("agg", self.agg, "None, mean, last, min, max")
-        if self.ci not in ("t", "bootstrap"): raise bad("ci", self.ci, "t or bootstrap")
-        if self.relative and self.baseline is None: raise bad("relative", True, "False when there is no baseline")
-        self.pair_by, self.requires = tuple(self.pair_by), tuple(self.requires)
+# %% ../nbs/00_core.ipynb #a9b665e6
+def _check_claim(self:Claim):
+    "Reject a claim that the verdict rule could not read, naming the field and what it accepts."
+    bad = lambda f, v, ok: ValueError(f"claim {self.id}: {f} must be {ok}, got {v!r}")
+    if self.direction not in _DIRECTIONS: raise bad("direction", self.direction, " | ".join(_DIRECTIONS))
+    if self.direction == "parity" and (self.tolerance is None or self.tolerance <= 0):
+        raise bad("tolerance", self.tolerance, "a positive number for a parity claim")
+    if self.direction != "parity" and self.effect is not None and self.effect <= 0:
+        raise bad("effect", self.effect, "positive (the size of the paper's effect in its own direction)")
+    if self.agg not in (None, "mean", "last", "min", "max"): raise bad("agg", self.agg, "None, mean, last, min, max")
+    if self.ci not in ("t", "bootstrap"): raise bad("ci", self.ci, "t or bootstrap")
+    if self.relative and self.baseline is None: raise bad("relative", True, "False when there is no baseline")
+    self.pair_by, self.requires = tuple(self.pair_by), tuple(self.requires)
 
-# %% ../nbs/00_core.ipynb #f2ae0b6c
+# %% ../nbs/00_core.ipynb #a211cbf8
 def _where(df, where:dict, what:str):
     import polars as pl
     for col, v in where.items():
-        if col not in df.columns: raise ValueError(f"{what}: filter column {col!r} is not in the results; columns: {sorted(df.columns)}")
+        if col not in df.columns:
+            raise ValueError(f"{what}: filter column {col!r} is not in the results; columns: {sorted(df.columns)}")
         df = df.filter(pl.col(col).is_in(v if isinstance(v, (list, tuple)) else [v]))
     return df
 
+# %% ../nbs/00_core.ipynb #779b3d72
 def _arm(df, claim:Claim, method:str, keys:list, what:str):
     "One value per pairing key for `method`, combining duplicates as `claim.agg` says."
     import polars as pl
@@ -342,6 +368,7 @@ def _arm(df, claim:Claim, method:str, keys:list, what:str):
          "max": pl.col("value").max(), None: pl.col("value").first()}[claim.agg]
     return d.group_by(keys, maintain_order=True).agg(f)
 
+# %% ../nbs/00_core.ipynb #b4d0163d
 def _pair_keys(df, claim:Claim, what:str)->list:
     keys = []
     for k in claim.pair_by:
@@ -350,15 +377,19 @@ def _pair_keys(df, claim:Claim, what:str)->list:
         else: raise ValueError(f"{what}: pairing column {k!r} is not in the results; columns: {sorted(df.columns)}")
     return keys
 
-# %% ../nbs/00_core.ipynb #ed035174
+# %% ../nbs/00_core.ipynb #02203852
 @dataclass
 class Verdict:
     "The outcome of checking one claim: the label, the paired statistics and where the numbers came from."
     claim:Claim; label:str; stats:Paired|None; runs:tuple=(); devices:tuple=(); commits:tuple=(); note:str=""
     def __str__(self): return f"{self.claim.id}: {self.label}" + (f" ({self.note})" if self.note else "")
 
-def _provenance(df, col): return tuple(sorted({str(v) for v in df[col].drop_nulls().to_list()})) if col in df.columns else ()
+# %% ../nbs/00_core.ipynb #a938daed
+def _provenance(df, col):
+    "The distinct values of a provenance column (run ids, devices, commits) among the rows a verdict used."
+    return tuple(sorted({str(v) for v in df[col].drop_nulls().to_list()})) if col in df.columns else ()
 
+# %% ../nbs/00_core.ipynb #a0420c78
 def _label(c:Claim, s:Paired)->tuple[str, str]:
     "The one rule, for every chapter (see REPRODUCTION.md §4)."
     if s.n < 2: return "cannot discriminate", f"n={s.n}: no interval"
@@ -372,44 +403,69 @@ def _label(c:Claim, s:Paired)->tuple[str, str]:
     if s.hi < c.effect: return "contradicted", f"interval excludes the paper's effect {c.effect:g}"
     return "cannot discriminate", "interval contains 0 and the paper's effect"
 
+# %% ../nbs/00_core.ipynb #310bcf3a
+def _claim_rows(claim:Claim, frame, chapter:str):
+    "The rows a claim reads, after checking that its metric, arms and filters exist; and the pairing columns."
+    import polars as pl
+    what = f"{chapter or 'chapter'} claim {claim.id}"
+    for col in ("method", "metric", "value"):
+        if col not in frame.columns: raise ValueError(f"{what}: results have no {col!r} column")
+    df = frame.filter(pl.col("metric") == claim.metric)
+    if df.is_empty():
+        metrics = sorted(frame['metric'].unique())
+        raise ValueError(f"{what}: metric {claim.metric!r} is not in the results; metrics: {metrics}")
+    for a in [claim.method] + ([claim.baseline] if claim.baseline else []):
+        if df.filter(pl.col("method") == a).is_empty():
+            methods = sorted(df['method'].unique())
+            raise ValueError(f"{what}: method {a!r} has no {claim.metric!r} rows; methods: {methods}")
+    df = _where(df, claim.where, what)
+    if df.is_empty(): raise ValueError(f"{what}: no {claim.metric!r} rows left after filters {claim.where}")
+    return df, _pair_keys(df, claim, what), what
+
+# %% ../nbs/00_core.ipynb #100e089e
+def _differences(claim:Claim, df, keys:list, what:str)->np.ndarray:
+    "Paired differences, oriented so that positive is the paper's direction (relative ones in % of the baseline)."
+    import polars as pl
+    t = _arm(df, claim, claim.method, keys, what)
+    if claim.baseline is None: d = t["value"].to_numpy() - claim.null
+    else:
+        j = t.join(_arm(df, claim, claim.baseline, keys, what).rename({"value": "base"}), on=keys, how="full",
+                   coalesce=True)
+        lost = j.filter(pl.col("value").is_null() | pl.col("base").is_null())
+        if len(lost): raise ValueError(f"{what}: unpaired seeds {lost.select(keys).rows()} "
+                                       f"({claim.method!r} vs {claim.baseline!r}); run both arms on the same seeds")
+        v, base = j["value"].to_numpy(), j["base"].to_numpy()
+        d = 100 * (v - base) / np.abs(base) if claim.relative else v - base
+    return -d if claim.direction == "lower" else d
+
+# %% ../nbs/00_core.ipynb #cfdf9f55
 def verdict(claim:Claim, # the claim to check
             frame, # long-format results (polars): method, metric, value and the pairing/filter columns
             chapter:str="", # for error messages
            )->Verdict:
     "Check `claim` against `frame`: paired-by-seed differences, a t-interval, the MDE, one rule for all chapters."
     import polars as pl
-    what = f"{chapter or 'chapter'} claim {claim.id}"
-    for col in ("method", "metric", "value"):
-        if col not in frame.columns: raise ValueError(f"{what}: results have no {col!r} column")
-    df = frame.filter(pl.col("metric") == claim.metric)
-    arms = [claim.method] + ([claim.baseline] if claim.baseline else [])
-    if claim.needs and (df.is_empty() or df.filter(pl.col("method") == claim.method).is_empty()):
-        return Verdict(claim, "not run", None, note=f"needs {claim.needs}")
-    if df.is_empty(): raise ValueError(f"{what}: metric {claim.metric!r} is not in the results; metrics: {sorted(frame['metric'].unique())}")
-    for a in arms:
-        if df.filter(pl.col("method") == a).is_empty():
-            raise ValueError(f"{what}: method {a!r} has no {claim.metric!r} rows; methods: {sorted(df['method'].unique())}")
-    df = _where(df, claim.where, what)
-    if df.is_empty(): raise ValueError(f"{what}: no {claim.metric!r} rows left after filters {claim.where}")
-    keys = _pair_keys(df, claim, what)
-    t = _arm(df, claim, claim.method, keys, what)
-    if claim.baseline:
-        b = _arm(df, claim, claim.baseline, keys, what).rename({"value": "base"})
-        j = t.join(b, on=keys, how="full", coalesce=True)
-        lost = j.filter(pl.col("value").is_null() | pl.col("base").is_null())
-        if len(lost): raise ValueError(f"{what}: unpaired seeds {lost.select(keys).rows()} "
-                                       f"({claim.method!r} vs {claim.baseline!r}); run both arms on the same seeds")
-        v, base = j["value"].to_numpy(), j["base"].to_numpy()
-        d = 100 * (v - base) / np.abs(base) if claim.relative else v - base
-    else: d = t["value"].to_numpy() - claim.null
-    if claim.direction == "lower": d = -d
-    s = paired_stats(d, method=claim.ci)
-    label, note = _label(claim, s)
-    used = df.filter(pl.col("method").is_in(arms))
-    return Verdict(claim, label, s, _provenance(used, "run_id"), _provenance(used, "device"),
-                   _provenance(used, "git_commit"), note)
+    rows = lambda a: frame.filter((pl.col("metric") == claim.metric) & (pl.col("method") == a))
+    has = lambda a: "metric" in frame.columns and not rows(a).is_empty()
+    if claim.needs and not has(claim.method): return Verdict(claim, "not run", None, note=f"needs {claim.needs}")
+    df, keys, what = _claim_rows(claim, frame, chapter)
+    s = paired_stats(_differences(claim, df, keys, what), method=claim.ci)
+    used = df.filter(pl.col("method").is_in([claim.method, claim.baseline]))
+    return Verdict(claim, *_label(claim, s)[:1], s, _provenance(used, "run_id"), _provenance(used, "device"),
+                   _provenance(used, "git_commit"), _label(claim, s)[1])
 
-# %% ../nbs/00_core.ipynb #9f083bdd
+# %% ../nbs/00_core.ipynb #4bbf5b77
+def _status_row(c:Claim, v:Verdict)->dict:
+    "One row of the status table."
+    s, arrow = v.stats, "" if c.direction == "parity" else f" ({'↑' if c.direction == 'higher' else '↓'})"
+    num = lambda x: None if s is None or not np.isfinite(x) else float(x)
+    return dict(claim=c.id, statement=c.statement, paper=c.cited, ours="—" if s is None else s.fmt(3, c.unit) + arrow,
+                n=0 if s is None else s.n, mde=None if s is None else num(s.mde), verdict=v.label, why=v.note,
+                runs=", ".join(v.runs), device=", ".join(v.devices), commit=", ".join(x[:10] for x in v.commits),
+                mean=None if s is None else s.mean, lo=None if s is None else num(s.lo),
+                hi=None if s is None else num(s.hi))
+
+# %% ../nbs/00_core.ipynb #24532762
 def status_table(claims:list, # `Claim`s, checked in order (controls before the claims that require them)
                  frame, # long-format results
                  chapter:str="", # for error messages
@@ -422,27 +478,22 @@ def status_table(claims:list, # `Claim`s, checked in order (controls before the 
         failed = [r for r in c.requires if seen.get(r) != "reproduced"]
         if v.label != "not run" and failed:
             v.label, v.note = "cannot discriminate", f"control {', '.join(failed)} not reproduced"
-        seen[c.id] = v.label
-        s = v.stats
-        sign = "" if c.direction == "parity" else f" ({'↑' if c.direction == 'higher' else '↓'})"
-        rows.append(dict(claim=c.id, statement=c.statement, paper=c.cited,
-                         ours="—" if s is None else s.fmt(3, c.unit) + sign, n=0 if s is None else s.n,
-                         mde=None if s is None or not np.isfinite(s.mde) else round(s.mde, 4),
-                         verdict=v.label, why=v.note, runs=", ".join(v.runs), device=", ".join(v.devices),
-                         commit=", ".join(x[:10] for x in v.commits),
-                         mean=None if s is None else s.mean, lo=None if s is None else s.lo, hi=None if s is None else s.hi))
+        seen[c.id] = v.label; rows.append(_status_row(c, v))
     return pl.DataFrame(rows, infer_schema_length=None)
 
+# %% ../nbs/00_core.ipynb #1230740e
 def markdown_table(df, # a polars frame
                    columns:list|None=None, # columns to show (default: all)
                   )->str:
     "A polars frame as a GitHub-style Markdown table with full cell text (no quoting, no elision)."
     cols = columns or df.columns
-    esc = lambda x: "" if x is None else (f"{x:.4g}" if isinstance(x, float) else str(x)).replace("|", "\\|").replace("\n", " ")
+    text = lambda x: "" if x is None else f"{x:.4g}" if isinstance(x, float) else str(x)
+    esc = lambda x: text(x).replace("|", "\\|").replace("\n", " ")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(esc(r[c]) for c in cols) + " |" for r in df.iter_rows(named=True)]
     return "\n".join(lines)
 
+# %% ../nbs/00_core.ipynb #d7c67b4f
 _STATUS_COLS = ["claim", "statement", "paper", "ours", "n", "mde", "verdict", "why", "runs", "device", "commit"]
 
 def show_status(table)->"IPython.display.Markdown":
@@ -450,10 +501,19 @@ def show_status(table)->"IPython.display.Markdown":
     from IPython.display import Markdown
     return Markdown(markdown_table(table, [c for c in _STATUS_COLS if c in table.columns]))
 
-# %% ../nbs/00_core.ipynb #b564c508
+# %% ../nbs/00_core.ipynb #876bba96
 def _chapter_files(chapter:str, kind:str, ext:str)->list[Path]:
     return sorted((project_root()/"nbs").glob(f"**/{kind}/{chapter}{ext}"))
 
+# %% ../nbs/00_core.ipynb #e5721372
+def _check_presets(chapter:str, claims:list):
+    "Every preset of the chapter must be named by some claim's `where.preset`."
+    named = {p for c in claims for p in np.atleast_1d(c.where.get("preset", [])).tolist()}
+    for p in _chapter_files(chapter, "presets", "/*.yaml"):
+        if p.stem not in named:
+            raise ValueError(f"{chapter}: preset {p.stem!r} has no claims (no claim's where.preset names it)")
+
+# %% ../nbs/00_core.ipynb #969c20d1
 def load_claims(chapter:str, # module name, e.g. "lirank"
                 check_presets:bool=True, # every preset of the chapter must be named by some claim's `where.preset`
                )->list[Claim]:
@@ -464,50 +524,52 @@ def load_claims(chapter:str, # module name, e.g. "lirank"
     raw = yaml.safe_load(fs[0].read_text()) or {}
     if not isinstance(raw.get("claims"), list): raise ValueError(f"{fs[0]}: expected a top-level `claims:` list")
     known = {f.name for f in fields(Claim)}
-    claims = []
     for i, c in enumerate(raw["claims"]):
-        extra = set(c) - known
-        if extra: raise ValueError(f"{chapter} claim #{i} ({c.get('id')}): unknown fields {sorted(extra)}; valid: {sorted(known)}")
-        claims.append(Claim(**c))
+        if set(c) - known:
+            raise ValueError(f"{chapter} claim #{i} ({c.get('id')}): unknown fields {sorted(set(c) - known)}; "
+                             f"valid: {sorted(known)}")
+    claims = [Claim(**c) for c in raw["claims"]]
     ids = [c.id for c in claims]
     if len(set(ids)) != len(ids): raise ValueError(f"{chapter}: duplicate claim ids in {ids}")
-    for c in claims:
-        if set(c.requires) - set(ids[:ids.index(c.id)]):
+    for k, c in enumerate(claims):
+        if set(c.requires) - set(ids[:k]):
             raise ValueError(f"{chapter} claim {c.id}: requires {c.requires}, which must be claims listed before it")
-    if check_presets:
-        named = {p for c in claims for p in np.atleast_1d(c.where.get("preset", [])).tolist()}
-        for p in _chapter_files(chapter, "presets", "/*.yaml"):
-            if p.stem not in named: raise ValueError(f"{chapter}: preset {p.stem!r} has no claims (no claim's where.preset names it)")
+    if check_presets: _check_presets(chapter, claims)
     return claims
 
+# %% ../nbs/00_core.ipynb #c0fccb5e
 def committed_results(chapter:str)->"pl.DataFrame":
     "The chapter's committed long-format results, `nbs/<part>/results/<chapter>.parquet`."
     import polars as pl
     fs = _chapter_files(chapter, "results", ".parquet")
     if not fs:
         have = sorted(p.stem for p in (project_root()/"nbs").glob("**/results/*.parquet"))
-        raise FileNotFoundError(f"{chapter}: no committed results nbs/<part>/results/{chapter}.parquet; chapters with results: {have}")
+        raise FileNotFoundError(f"{chapter}: no committed results nbs/<part>/results/{chapter}.parquet; "
+                                f"chapters with results: {have}")
     return pl.read_parquet(fs[0])
 
+# %% ../nbs/00_core.ipynb #f7da0640
 def md(text:str)->"IPython.display.Markdown":
     "Render prose whose numbers come from data: `md(f'AUC rose by {lift:.2f} %')`."
     from IPython.display import Markdown
     return Markdown(text)
 
-# %% ../nbs/00_core.ipynb #af5abe50
+# %% ../nbs/00_core.ipynb #84deac41
 def _chapter_notebook(chapter:str)->Path|None:
     "The notebook whose `#| default_exp` is `chapter`."
-    pat = re.compile(rf"#\|\s*default_exp\s+{re.escape(chapter)}\s")
+    pat = re.compile(rf"#\|\s*default_exp\s+{re.escape(chapter)}(?=[\s\\\"])")
     for p in sorted((project_root()/"nbs").glob("**/*.ipynb")):
         if ".ipynb_checkpoints" not in p.parts and pat.search(p.read_text()[:4000]): return p
     return None
 
+# %% ../nbs/00_core.ipynb #1bd1c6fa
 def _title(nb:Path)->str:
     for c in json.loads(nb.read_text())["cells"]:
         s = "".join(c["source"])
         if c["cell_type"] == "markdown" and s.startswith("# "): return s.splitlines()[0][2:].strip()
     return nb.stem
 
+# %% ../nbs/00_core.ipynb #cc69923c
 def chapter_overview()->"pl.DataFrame":
     "One row per chapter with a claims file: its page, paper, and verdict counts from its committed results."
     import polars as pl, yaml
@@ -524,6 +586,7 @@ def chapter_overview()->"pl.DataFrame":
         rows.append(row)
     return pl.DataFrame(rows, infer_schema_length=None)
 
+# %% ../nbs/00_core.ipynb #5414dc9e
 def overview_markdown(df)->str:
     "The home page's chapter table: linked page and paper, what is reproduced, verdict counts."
     if df.is_empty(): return "(no chapter has written its claims as data yet)"
@@ -536,7 +599,7 @@ def overview_markdown(df)->str:
     import polars as pl
     return markdown_table(pl.DataFrame(rows), ["chapter", "paper", "module", "reproduces", "verdicts"])
 
-# %% ../nbs/00_core.ipynb #d52c5d78
+# %% ../nbs/00_core.ipynb #a065577e
 def batches(n:int, # number of examples
             batch_size:int, # examples per batch
             seed:int, # fixes the order: same seed, same batches
@@ -544,13 +607,15 @@ def batches(n:int, # number of examples
             drop_last:bool=False, # drop a final smaller batch
            ):
     "Yield index tensors over `n` examples, reshuffled each epoch in an order fixed by `seed`."
-    if n < 1 or batch_size < 1 or epochs < 0: raise ValueError(f"need n ≥ 1, batch_size ≥ 1, epochs ≥ 0; got {n}, {batch_size}, {epochs}")
+    if n < 1 or batch_size < 1 or epochs < 0:
+        raise ValueError(f"need n ≥ 1, batch_size ≥ 1, epochs ≥ 0; got {n}, {batch_size}, {epochs}")
     g = torch.Generator().manual_seed(int(seed))
     for _ in range(epochs):
         perm = torch.randperm(n, generator=g)
         stop = n - n % batch_size if drop_last else n
         yield from (perm[i:i + batch_size] for i in range(0, stop, batch_size))
 
+# %% ../nbs/00_core.ipynb #a819419f
 @dataclass
 class TrainLog:
     "What a training loop returns: the loss of every step and the wall time."
@@ -558,6 +623,7 @@ class TrainLog:
     @property
     def final(self)->float: return float(np.mean(self.losses[-max(1, len(self.losses) // 10):]))
 
+# %% ../nbs/00_core.ipynb #a0b361f4
 def train_loop(step:callable, # step(idx) -> loss (a float or 0-d tensor): one optimizer step on the batch `idx`
                n:int, batch_size:int, seed:int, epochs:int=1, drop_last:bool=False)->TrainLog:
     "The loop every chapter shares: seeded batches, one `step` per batch, losses and time recorded."
