@@ -6,6 +6,7 @@ Tolerances (fp32, CPU): logits/loss vs transformers rtol=atol=1e-5 (same ops in 
 1e-6); gradients rtol=atol=1e-5; batched vs per-row log-probs atol=1e-4 (different matmul shapes, sums of ~10 terms)."""
 
 import math
+from dataclasses import replace
 import os
 import time
 import warnings
@@ -351,3 +352,198 @@ def test_load_smollm2_offline(request, monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(model2(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
     print(f"load_smollm2: {t_load:.1f} s")
+
+
+# ---------------------------------------------------------------- v2: d_head, KV cache, scoring, named models
+
+SHARP = dict(init_std=0.3)  # well-separated logits: greedy argmax has no near-ties, so fp32 path differences cannot flip it
+
+
+def test_d_head_decouples_heads_from_width():
+    cfg = LMConfig(vocab_size=50, d_model=24, n_layers=1, n_heads=3, d_head=6, max_seq_len=16)  # 3 x 6 = 18 != 24
+    assert cfg.head_dim == 6 and LMConfig(d_model=64, n_heads=4).head_dim == 16
+    torch.manual_seed(7)
+    m = LM(cfg).eval()
+    assert m.layers[0].self_attn.q_proj.weight.shape == (18, 24)
+    ids = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids).logits, to_llama(m)(input_ids=ids).logits, **TOL)
+        back = from_llama(to_llama(m))
+        assert back.cfg == cfg
+        torch.testing.assert_close(back(ids).logits, m(ids).logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="d_head must be a positive even int"):
+        LMConfig(d_head=0)
+    with pytest.raises(ValueError, match="must be even for RoPE"):
+        LMConfig(d_model=24, n_heads=3, d_head=5)
+
+
+def _padded_prompts(V, seed=8):
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.randint(0, V, (n,), generator=g).tolist() for n in (5, 9, 2)]
+    return L.left_pad(rows, 0)
+
+
+@pytest.mark.parametrize("name", ["mha-tied", "gqa-untied"])
+def test_kv_cache_greedy_equals_no_cache(name):
+    cfg = replace(CONFIGS[name], max_seq_len=40, **SHARP)
+    torch.manual_seed(9)
+    m = LM(cfg)
+    ids, am = _padded_prompts(cfg.vocab_size)
+    a = sample(m, ids, 20, temperature=0, attention_mask=am, use_cache=True)
+    b = sample(m, ids, 20, temperature=0, attention_mask=am, use_cache=False)
+    assert torch.equal(a, b)
+    # left padding does not change a row's continuation: row 1 (no padding) alone gives the same tokens
+    c = sample(m, ids[1:2], 20, temperature=0, use_cache=True)
+    assert torch.equal(c, a[1:2])
+    # the cached logits equal the full forward's logits at every generated position
+    full = m(a, attention_mask=torch.cat([am, torch.ones(3, 20, dtype=am.dtype)], 1),
+             position_ids=L._positions(torch.cat([am, torch.ones(3, 20, dtype=am.dtype)], 1))).logits
+    cache = L.KVCache(cfg, 3, 29)
+    pre = m(a[:, :9], attention_mask=am, position_ids=L._positions(am), cache=cache).logits
+    torch.testing.assert_close(pre[am.bool()], full[:, :9][am.bool()], rtol=1e-5, atol=1e-5)
+    # sampling with the same generator seed draws the same tokens with and without the cache
+    g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    assert torch.equal(sample(m, ids, 10, attention_mask=am, generator=g1),
+                       sample(m, ids, 10, attention_mask=am, generator=g2, use_cache=False))
+
+
+def test_kv_cache_transformers_model():
+    cfg = replace(CONFIGS["gqa-untied"], max_seq_len=40, **SHARP)
+    torch.manual_seed(10)
+    hf = to_llama(LM(cfg))
+    ids, am = _padded_prompts(cfg.vocab_size)
+    a = sample(hf, ids, 12, temperature=0, attention_mask=am, use_cache=True)
+    b = sample(hf, ids, 12, temperature=0, attention_mask=am, use_cache=False)
+    assert torch.equal(a, b)
+    assert torch.equal(sample(from_llama(hf), ids, 12, temperature=0, attention_mask=am), a)
+
+
+class _CharTok:
+    """A minimal tokenizer with the interface the text utilities use (one id per character)."""
+    eos_token_id, pad_token_id = 1, 0
+
+    def __call__(self, s):
+        return {"input_ids": [2 + (ord(c) % 60) for c in s]}
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids)
+
+
+def test_sequence_logprobs_text_form_and_bad_input():
+    cfg = replace(CONFIGS["mha-tied"], vocab_size=64, max_seq_len=24)
+    torch.manual_seed(11)
+    m, tok = LM(cfg).eval(), _CharTok()
+    prompts, responses = ["abc", "hello", "x"], ["de", "w", "yzzz"]
+    with torch.no_grad():
+        out = sequence_logprobs(m, prompts, responses, tok=tok)
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            ids = torch.tensor([tok(p)["input_ids"] + tok(r)["input_ids"]])
+            lp = torch.log_softmax(m(ids).logits[0].double(), -1)
+            want = sum(lp[t - 1, ids[0, t]] for t in range(len(p), ids.shape[1]))
+            torch.testing.assert_close(out.sum[i].double(), want, rtol=1e-5, atol=1e-5)
+    assert out.n_tokens.tolist() == [2, 1, 4]
+    with pytest.raises(ValueError, match="prompts is empty"):
+        sequence_logprobs(m, [], [], tok=tok)
+    with pytest.raises(ValueError, match="one response per prompt"):
+        sequence_logprobs(m, ["a", "b"], ["c"], tok=tok)
+    with pytest.raises(ValueError, match="more than the model's context 24"):
+        sequence_logprobs(m, ["a"], ["b" * 30], tok=tok)
+    with pytest.raises(ValueError, match="needs tok="):
+        sequence_logprobs(m, ["a"], ["b"])
+
+
+def test_yes_prob_is_the_two_token_softmax():
+    cfg = replace(CONFIGS["mha-tied"], vocab_size=64, max_seq_len=24)
+    torch.manual_seed(12)
+    m, tok = LM(cfg).eval(), _CharTok()
+    prompts = ["is it?", "no way", "q"]
+    r = L.yes_prob(m, tok, prompts, yes="Y", no="N")
+    y, n = tok("Y")["input_ids"][0], tok("N")["input_ids"][0]
+    for i, p in enumerate(prompts):
+        with torch.no_grad():
+            lg = m(torch.tensor([tok(p)["input_ids"]])).logits[0, -1]
+        pr = torch.softmax(lg, -1)
+        torch.testing.assert_close(r.yes[i], pr[y], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(r.no[i], pr[n], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(r.p[i], torch.softmax(lg[[y, n]], -1)[0], rtol=1e-5, atol=1e-6)
+    assert ((r.yes + r.no) <= 1).all()
+    # multi-token answers: P(" Yes") is the product of its token probabilities, still summing with P(" No") to <= 1
+    r2 = L.yes_prob(m, tok, prompts, yes="Yes", no="Nope")
+    with torch.no_grad():
+        want = sequence_logprobs(m, prompts, ["Yes"] * 3, tok=tok).sum.exp()
+    torch.testing.assert_close(r2.yes, want, rtol=1e-4, atol=1e-6)
+    assert ((r2.yes + r2.no) <= 1).all()
+    with pytest.raises(ValueError, match="neither a prefix"):
+        L.yes_prob(m, tok, prompts, yes="No", no="Nope")
+    with pytest.raises(ValueError, match="prompts is empty"):
+        L.yes_prob(m, tok, [], yes="Y", no="N")
+
+
+@pytest.mark.parametrize("name", ["mha-tied", "gqa-untied"])
+def test_multi_item_equals_scoring_each_candidate_alone(name):
+    cfg = replace(CONFIGS[name], max_seq_len=64)
+    torch.manual_seed(13)
+    m = LM(cfg).eval()
+    g = torch.Generator().manual_seed(3)
+    rnd = lambda n: torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist()  # noqa: E731
+    prefixes = [rnd(7), rnd(3)]
+    cands = [[rnd(3), rnd(1), rnd(5), rnd(2)], [rnd(2), rnd(4), rnd(4), rnd(1)]]
+    with torch.no_grad():
+        got = L.multi_item_logprobs(m, prefixes, cands)
+    assert got.sum.shape == (2, 4)
+    for b in range(2):
+        for j, c in enumerate(cands[b]):
+            ids = torch.tensor([prefixes[b] + c])
+            with torch.no_grad():
+                alone = sequence_logprobs(m, ids, prompt_lengths=[len(prefixes[b])])
+            torch.testing.assert_close(got.sum[b, j], alone.sum[0], rtol=1e-5, atol=1e-5)
+            assert int(got.n_tokens[b, j]) == len(c)
+    with pytest.raises(ValueError, match="same number m > 0 of candidates"):
+        L.multi_item_logprobs(m, prefixes, [cands[0], cands[1][:3]])
+    with pytest.raises(ValueError, match="one candidate list per prefix"):
+        L.multi_item_logprobs(m, prefixes, cands[:1])
+    with pytest.raises(ValueError, match="exceed max_seq_len"):
+        L.multi_item_logprobs(m, prefixes, [[rnd(30)] * 3] * 2)
+    with pytest.raises(TypeError, match="from_llama"):
+        L.multi_item_logprobs(to_llama(m), prefixes, cands)
+
+
+def test_generate_text_and_bad_input():
+    cfg = replace(CONFIGS["mha-tied"], vocab_size=64, max_seq_len=24, **SHARP)
+    torch.manual_seed(14)
+    m, tok = LM(cfg), _CharTok()
+    a = L.generate(m, tok, ["ab", "hello"], max_new_tokens=6, temperature=0)
+    assert a == L.generate(m, tok, ["ab", "hello"], max_new_tokens=6, temperature=0, use_cache=False)
+    assert a[1] == L.generate(m, tok, ["hello"], max_new_tokens=6, temperature=0)[0]
+    assert L.generate(m, tok, ["ab"], 6, seed=1) == L.generate(m, tok, ["ab"], 6, seed=1)
+    with pytest.raises(ValueError, match="prompts is empty"):
+        L.generate(m, tok, [])
+    with pytest.raises(ValueError, match="exceeds the context 24"):
+        L.generate(m, tok, ["a" * 20], max_new_tokens=8)
+
+
+def test_pretrained_names(small_corpus, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"unknown pretrained model 'big'; valid: tiny, small, small-sft"):
+        L.pretrained("big")
+    monkeypatch.setenv("LIPAPERS_CACHE", str(tmp_path))
+    tiny_tr = replace(SMALL_TRAIN, n_steps=4)
+    monkeypatch.setitem(L.PRETRAINED, "tiny", L.PretrainedSpec(SMALL, tiny_tr))
+    monkeypatch.setitem(L.PRETRAINED, "small", L.PretrainedSpec(replace(SMALL, max_seq_len=64), replace(tiny_tr, seq_len=64, bf16=True),
+                                                               task_frac=0.5, n_task_examples=200, families=("sort", "copy")))
+    monkeypatch.setitem(L.PRETRAINED, "small-sft", L.PretrainedSpec(None, replace(tiny_tr, batch_size=8), parent="small", sft=True,
+                                                                   n_task_examples=100, families=("sort", "copy")))
+    t = L.pretrained("tiny", progress=False)
+    assert t.info["cache"] == L.pretrained_tiny(SMALL, tiny_tr, progress=False).info["cache"]
+    sft = L.pretrained("small-sft", progress=False)  # builds its parent first
+    assert not sft.info["cache_hit"] and sft.info["parent"] == "small"
+    small = L.pretrained("small", progress=False)
+    assert small.info["cache_hit"] and small.tokenizer.backend_tokenizer.to_str() == sft.tokenizer.backend_tokenizer.to_str()
+    assert not all(torch.equal(a, b) for a, b in zip(small.model.state_dict().values(), sft.model.state_dict().values()))
+    again = L.pretrained("small-sft", progress=False)
+    assert again.info["cache_hit"]
+    _same_model(again.model, sft.model)
+    d = L.Path(again.info["cache"])
+    (d / "config.json").write_text("{}")
+    with pytest.warns(UserWarning, match="rebuilding"):
+        rebuilt = L.pretrained("small-sft", progress=False)
+    _same_model(rebuilt.model, sft.model)  # the same bits again
