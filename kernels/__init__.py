@@ -149,12 +149,13 @@ def cross_entropy(logits, target, ignore_index=-100, label_smoothing=0.0, reduct
 
 
 def fused_linear_cross_entropy(x, weight, target, bias=None, ignore_index=-100, label_smoothing=0.0,
-                               reduction="mean", backend="auto"):
+                               reduction="mean", backend="auto", chunk_rows=None):
     """CE(x @ weight.T + bias, target) chunked over rows: the (N, V) logits are never materialised.
 
     x (N, H) (leading dims are flattened), weight (V, H), target N ints. For "mean"/"sum" the gradients are
     computed during the forward pass, chunk by chunk; chunk rows = `flce_chunk_rows(N, H, V)` (~H, so one
-    logits chunk is about the size of the weight). "none" recomputes the chunks in backward.
+    logits chunk is about the size of the weight; `chunk_rows` overrides it). "none" recomputes the chunks in
+    backward.
     """
     backend = resolve_backend(backend, x, weight, bias)
     _check_float("x", x, backend), _check_float("weight", weight, backend), _check_reduction(reduction)
@@ -166,6 +167,8 @@ def fused_linear_cross_entropy(x, weight, target, bias=None, ignore_index=-100, 
         raise TypeError(f"x ({x.dtype}) and weight ({weight.dtype}) must have the same dtype")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 1]")
+    if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
+        raise ValueError(f"chunk_rows={chunk_rows!r} must be None (our rule) or an int >= 1")
     x2 = x.reshape(-1, x.shape[-1])
     _check_target(target, x2.shape[0])
     target = target.reshape(-1)
@@ -174,7 +177,7 @@ def fused_linear_cross_entropy(x, weight, target, bias=None, ignore_index=-100, 
     else:
         ce_chunk = _triton("fused_linear_cross_entropy").ce_chunk_triton
     out = _ref.fused_linear_cross_entropy(x2.contiguous(), weight.contiguous(), target, bias, ignore_index,
-                                          label_smoothing, reduction, ce_chunk)
+                                          label_smoothing, reduction, ce_chunk, chunk_rows)
     return out.reshape(x.shape[:-1]) if reduction == "none" else out
 
 

@@ -175,14 +175,15 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """CE(x W^T + b, target) without materialising the logits; gradients computed in forward for mean/sum."""
 
     @staticmethod
-    def forward(ctx, x, weight, target, bias, ignore_index, label_smoothing, reduction, ce_chunk):
+    def forward(ctx, x, weight, target, bias, ignore_index, label_smoothing, reduction, ce_chunk, chunk_rows=None):
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[3])
         eager = reduction != "none"
         loss_rows, dx, dw, db = _flce_loop(
             x, weight, target, bias, ignore_index, label_smoothing, reduction, ce_chunk,
-            need if eager else (False, False, False),
+            need if eager else (False, False, False), chunk_rows=chunk_rows,
         )
         ctx.reduction, ctx.args, ctx.need = reduction, (ignore_index, label_smoothing, ce_chunk), need
+        ctx.chunk_rows = chunk_rows
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         if eager:
             ctx.save_for_backward(dx, dw, db)
@@ -201,19 +202,19 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             ignore_index, label_smoothing, ce_chunk = ctx.args
             _, dx, dw, db = _flce_loop(
                 x, weight, target, bias, ignore_index, label_smoothing, "none", ce_chunk, ctx.need,
-                grad_scale=grad_out,
+                grad_scale=grad_out, chunk_rows=ctx.chunk_rows,
             )
         w_dtype, b_dtype = ctx.dtypes
         dw = dw if dw is None or dw.dtype == w_dtype else dw.to(w_dtype)
         db = db if db is None or db.dtype == b_dtype else db.to(b_dtype)
-        return dx, dw, None, db, None, None, None, None
+        return dx, dw, None, db, None, None, None, None, None
 
 
 def fused_linear_cross_entropy(x, weight, target, bias=None, ignore_index=-100, label_smoothing=0.0,
-                               reduction="mean", ce_chunk=ce_chunk_torch):
-    """Chunked CE(x @ weight.T + bias, target); x (N, H), weight (V, H), target (N,)."""
+                               reduction="mean", ce_chunk=ce_chunk_torch, chunk_rows=None):
+    """Chunked CE(x @ weight.T + bias, target); x (N, H), weight (V, H), target (N,); chunk_rows None = our rule."""
     return ChunkedLinearCrossEntropy.apply(x, weight, target, bias, ignore_index, label_smoothing, reduction,
-                                           ce_chunk)
+                                           ce_chunk, chunk_rows)
 
 
 # --------------------------------------------------------------------------------------------------------

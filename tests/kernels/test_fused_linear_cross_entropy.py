@@ -97,3 +97,25 @@ def test_flce_matches_liger_peer():
     torch.testing.assert_close(ours, peer, atol=1e-5, rtol=1e-5)
     for a, p in zip(g_ours, g_peer):
         torch.testing.assert_close(a, p, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 21, 64])
+def test_flce_explicit_chunk_rows_match_the_default(rows):
+    """`chunk_rows` (e.g. Liger's rule, compared in the chapter) changes only the memory/time trade-off, not the result."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(21, 31, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(123, 31, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 123, (21,), generator=g)
+    for reduction in ("mean", "none"):
+        ref = K.fused_linear_cross_entropy(x, w, y, reduction=reduction, backend="torch")
+        out = K.fused_linear_cross_entropy(x, w, y, reduction=reduction, backend="torch", chunk_rows=rows)
+        torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+        up = torch.randn_like(out)
+        torch.testing.assert_close(torch.autograd.grad(out, (x, w), up), torch.autograd.grad(ref, (x, w), up))
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+def test_flce_rejects_bad_chunk_rows(bad):
+    x, w = torch.randn(4, 6), torch.randn(9, 6)
+    with pytest.raises(ValueError, match="chunk_rows"):
+        K.fused_linear_cross_entropy(x, w, torch.zeros(4, dtype=torch.long), chunk_rows=bad)
