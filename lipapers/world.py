@@ -10,12 +10,19 @@ from pathlib import Path
 from typing import Iterator
 import numpy as np
 import polars as pl
+from . import baselines  # the shared ranking baselines, also reachable as lipapers.world.baselines
 
 # %% auto #0
-__all__ = ['SENIORITY', 'INDUSTRIES', 'ROLES', 'CITIES', 'POST_TYPES', 'SOURCES', 'START_EPOCH', 'BLOCK_SESSIONS', 'FEED_SCHEMA',
-           'JOB_SCHEMA', 'FEED_FEATURES', 'JOB_FEATURES', 'WorldConfig', 'World', 'job_logit', 'post_logit',
-           'iter_impressions', 'feed_impressions', 'job_impressions', 'write_parquet', 'hires', 'feed_features',
-           'job_features', 'popularity_scores', 'measure_write']
+__all__ = ['SENIORITY', 'INDUSTRIES', 'ROLES', 'CITIES', 'POST_TYPES', 'SOURCES', 'START_EPOCH', 'KNOBS', 'CROSS_TERMS',
+           'TYPE_CROSS', 'SLATE_TERMS', 'HET_FEED', 'HET_JOB', 'FEED_TASKS', 'JOB_TASKS', 'DRIFT_KNOTS',
+           'ACTIVITY_BUCKETS', 'BLOCK_SESSIONS', 'FEED_SCHEMA', 'JOB_SCHEMA', 'HISTORY_KINDS', 'HISTORY_ACTIONS',
+           'HISTORY_SCHEMA', 'HISTORY_BLOCK', 'HISTORY_CANDIDATES', 'JOB_EVENT_SHARE', 'SKILL_WORDS', 'SKILL_LEVELS',
+           'FIRST_NAMES', 'LAST_NAMES', 'TOPIC_NAMES', 'COMPANY_WORDS', 'COMPANY_KINDS', 'FEED_FEATURES',
+           'JOB_FEATURES', 'FEED_EXTRA', 'JOB_EXTRA', 'WorldConfig', 'World', 'affinity', 'job_logit', 'post_logit',
+           'iter_impressions', 'feed_impressions', 'job_impressions', 'write_parquet', 'hires', 'histories',
+           'history_before', 'slate_value', 'sample_slate', 'logging_propensities', 'skill_name', 'applications',
+           'activity_bucket', 'member_name', 'company_name', 'topic_name', 'describe_member', 'describe_post',
+           'describe_job', 'history_text', 'feed_features', 'job_features', 'popularity_scores', 'measure_write']
 
 # %% ../nbs/02a_world.ipynb #35ff8897
 SENIORITY = ["Intern", "Entry", "Associate", "Senior", "Manager", "Director", "Executive"]
@@ -52,6 +59,19 @@ class WorldConfig:
     # job click logit: j0 + skill·overlap + seniority·|Δ| + location·1[same] + industry·1[same] + job_affinity·cos + company attractiveness
     j0:float=-2.0; skill:float=2.5; seniority:float=-0.6; location:float=1.0; industry:float=0.7; job_affinity:float=1.5
     apply_offset:float=-1.8; hire_b0:float=-3.0; hire_skill:float=3.0; hire_seniority:float=-1.0
+    # v2 structure knobs (issue 14): each "off" value (the default) reproduces the v1 world draw for draw
+    cross_strength:float=0.0    # κ: scale of the planted 2nd/3rd-order interactions CROSS_TERMS (feed and job logits)
+    n_interests:int=1           # K: interest prototypes per member; affinity = soft maximum over them
+    interest_temp:float=0.1     # τ of that soft maximum: a = τ·log(mean_k exp(cos_k/τ)); K=1 gives a = cos
+    drift:float=0.0             # scale of each member's interest random walk (E|W|² = 1 over the whole timeline)
+    task_corr:float=1.0         # ρ: tasks share ρ·(latent logit) and add √(1-ρ²)·(their own latent logit)
+    heterogeneity:float=0.0     # scale of per-member random coefficients on the observable features
+    activity_skew:float=0.0     # log-activity sd = 1 + activity_skew: heavier-tailed interactions per member
+    slate_effects:float=0.0     # scale of the within-slate effects SLATE_TERMS (repeats, diversity, fatigue)
+    exposure:str="sourced"      # "sourced": v1 candidate mix ordered by the logging policy; "uniform": random items, random order
+    share_offset:float=-4.5     # share logit offset (the share task, new in v2)
+    hire_merit:float=0.0        # recruiter side: weight of a hidden member merit in the hire logit
+    history_per_member:float=20.0 # mean events per member in the canonical history log behind `history_before`
 
     def __post_init__(self):
         for k in ("n_members", "n_companies", "n_jobs", "n_posts", "n_topics", "n_skills", "n_industries", "n_locations", "dim", "max_position"):
@@ -66,6 +86,26 @@ class WorldConfig:
                 raise ValueError(f"{k} must be 3 probabilities in [0, 1] summing to 1 ({SOURCES} / location, industry, random), got {getattr(self, k)}")
         if len(self.type_effects) != len(POST_TYPES): raise ValueError(f"type_effects needs {len(POST_TYPES)} values for {POST_TYPES}")
         if self.n_members < 2: raise ValueError("n_members must be >= 2 to have connections")
+        _check_knobs(self)
+
+# %% ../nbs/02a_world.ipynb #ab5d63ce
+KNOBS = {  # name: (off value, valid range, check)
+    "cross_strength": (0.0, ">= 0", lambda v: v >= 0), "n_interests": (1, "an int >= 1", lambda v: _is_int(v) and v >= 1),
+    "interest_temp": (0.1, "> 0", lambda v: v > 0), "drift": (0.0, ">= 0", lambda v: v >= 0),
+    "task_corr": (1.0, "in [0, 1]", lambda v: 0 <= v <= 1), "heterogeneity": (0.0, ">= 0", lambda v: v >= 0),
+    "activity_skew": (0.0, ">= 0", lambda v: v >= 0), "slate_effects": (0.0, ">= 0", lambda v: v >= 0),
+    "exposure": ("sourced", "one of 'sourced', 'uniform'", lambda v: v in ("sourced", "uniform")),
+    "history_per_member": (20.0, "> 0", lambda v: v > 0)}
+
+def _is_int(v): return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+def _check_knobs(c):
+    "Raise a ValueError naming the first knob outside its valid range."
+    for k, (_, rng_txt, ok) in KNOBS.items():
+        v = getattr(c, k)
+        try: good = bool(ok(v))
+        except TypeError: good = False
+        if not good: raise ValueError(f"{k} must be {rng_txt} (off value {KNOBS[k][0]!r}), got {v!r}")
 
 # %% ../nbs/02a_world.ipynb #d912b24b
 def _norm(x:np.ndarray)->np.ndarray:
@@ -146,7 +186,7 @@ def _build(self:World):
     self.c_ind, self.c_loc = rng.choice(G, C, p=_zipf(G, 0.7)), rng.choice(L, C, p=_zipf(L))
     self.c_size = np.ceil(np.exp(rng.normal(4, 1.5, C))).astype(np.int64)
     self.c_attr = rng.normal(0, 0.5, C)
-    self._members(rng); self._connections(rng); self._posts(rng); self._jobs(rng); self._frames()
+    self._members(rng); self._connections(rng); self._posts(rng); self._jobs(rng); self._v2(); self._frames()
 World._build = _build
 
 # %% ../nbs/02a_world.ipynb #a04a7a95
@@ -170,7 +210,7 @@ def _members(self:World, rng):
     ip, order = _csr(self.c_ind, G)
     comp = _pick(rng, ip, order, self.m_ind)
     self.m_comp = np.where(comp >= 0, comp, rng.integers(0, c.n_companies, n))
-    self.m_act = np.exp(rng.normal(0, 1, n))
+    self.m_act = np.exp((1 + c.activity_skew) * rng.normal(0, 1, n))  # activity_skew = 0: v1
     self.theta = _dirichlet_rows(rng, 5 * self.ind_topic[self.m_ind] + 0.05)
     self.u = _norm(self.theta @ self.topic_emb + 0.3 * rng.standard_normal((n, c.dim)) / math.sqrt(c.dim))
     self.m_skills = _skills(rng, self.ind_skill_cdf, self.m_ind, 3 + rng.poisson(4, n), c.n_skills)
@@ -263,15 +303,128 @@ def _frames(self:World):
                                    "location": [cities[i] for i in self.c_loc], "size": self.c_size, "true_attractiveness": self.c_attr})
     self.jobs = pl.DataFrame({"job_id": np.arange(c.n_jobs, dtype=np.int32), "company_id": self.j_comp.astype(np.int32),
                               "industry": [ind[i] for i in self.j_ind], "location": [cities[i] for i in self.j_loc],
-                              "seniority": self.j_sen.astype(np.int8), "skills": _lists(self.j_skills), "embedding": emb(self.j_emb)})
+                              "seniority": self.j_sen.astype(np.int8), "skills": _lists(self.j_skills), "embedding": emb(self.j_emb),
+                              "title": [f"{SENIORITY[s]} {roles[g]}" for s, g in zip(self.j_sen, self.j_ind)],
+                              "family": [roles[g] for g in self.j_ind]})
     self.posts = pl.DataFrame({"post_id": np.arange(c.n_posts, dtype=np.int32), "author_id": self.p_author.astype(np.int32),
                                "topic": self.p_topic.astype(np.int16), "post_type": pl.Series([POST_TYPES[t] for t in self.p_type]),
                                "created_hours": self.p_created, "embedding": emb(self.e), "true_quality": self.q})
     self.connections = pl.DataFrame({"member_a": self.edges[:, 0].astype(np.int32), "member_b": self.edges[:, 1].astype(np.int32)})
-    self.skills = pl.DataFrame({"skill_id": np.arange(c.n_skills, dtype=np.int32), "embedding": emb(self.skill_emb)})
+    self.skills = pl.DataFrame({"skill_id": np.arange(c.n_skills, dtype=np.int32), "embedding": emb(self.skill_emb),
+                                "name": [skill_name(i) for i in range(c.n_skills)], "category": [ind[g] for g in self.skill_cat]})
     r, t = np.nonzero(self.hist)
     self.history = pl.DataFrame({"member_id": r.astype(np.int32), "topic": t.astype(np.int16), "n": self.hist[r, t]})
 World._frames = _frames
+
+# %% ../nbs/02a_world.ipynb #916671fa
+CROSS_TERMS = {  # name: (coefficient β, formula); each is multiplied by cross_strength κ and included in the oracle
+    "seniority_x_type": (1.0, "s·t, s = (seniority - 3)/3, t = TYPE_CROSS[post type]"),
+    "industry_x_topic_x_hour": (1.0, "(2·match - 1)·(2·work - 1), match = topic in the member industry's top-3 topics,"
+                                     " work = 9 <= hour of day < 17"),
+    "connection_x_fresh": (0.7, "(2·is_connection - 1)·(2·fresh - 1), fresh = post younger than 24 h"),
+    "overlap_x_gap": (-1.5, "(skill_overlap - 0.5)·(seniority_gap - 1)"),
+    "location_x_industry": (0.8, "(2·same_location - 1)·(2·same_industry - 1)"),
+    "seniority_x_industry_x_overlap": (1.2, "s·(2·same_industry - 1)·(skill_overlap - 0.5), s of the member")}
+TYPE_CROSS = (0.5, -0.5, -1.0, 1.0)  # t of text, image, video, article
+SLATE_TERMS = {"rep_topic": -0.5, "rep_author": -0.5, "diversity": 0.4, "fatigue": -0.08}  # × slate_effects λ
+HET_FEED = (0.8, 0.3, 0.5, 0.3)  # σ_het: sd of member coefficients on connection, log1p history, log1p age days, t
+HET_JOB = (2.5, 0.6, 1.0, 0.7)   # on skill overlap, seniority gap, same location, same industry
+FEED_TASKS = ("click", "like", "comment", "share", "dismiss", "long_dwell")
+JOB_TASKS = ("click", "apply", "dismiss")
+DRIFT_KNOTS = 4  # random-walk steps over the whole timeline
+ACTIVITY_BUCKETS = ("sparse", "medium", "heavy")  # history_len < 10, 10..99, >= 100
+
+# %% ../nbs/02a_world.ipynb #fc84d127
+def _v2(self:World):
+    "Hidden arrays of the v2 knobs, each from its own generator `(seed, 10, knob)`; None when the knob is off."
+    c = self.cfg; n, d, K = c.n_members, c.dim, c.n_interests
+    g = lambda k: np.random.default_rng([c.seed, 10, k])
+    self.ind_top3 = np.zeros((c.n_industries, c.n_topics), bool)
+    np.put_along_axis(self.ind_top3, np.argsort(-self.ind_topic, 1)[:, :3], True, 1)
+    self.skill_cat = np.argmax(np.diff(self.ind_skill_cdf, axis=1, prepend=0), 0)  # industry weighting a skill most
+    self.m_merit = g(0).standard_normal(n)  # hidden member merit (recruiter side, weight hire_merit)
+    self.U = self.walk = self.het_feed = self.het_job = None; self.e_task, self.q_task = {}, {}
+    if K > 1:
+        r = g(1); extra = self.topic_emb[r.integers(0, c.n_topics, (n, K - 1))]
+        extra = _norm(extra + 0.3 * r.standard_normal((n, K - 1, d)) / math.sqrt(d))
+        self.U = np.concatenate([self.u[:, None], extra], 1).astype(np.float32)  # (M, K, d); prototype 0 is u
+    if c.drift > 0:
+        steps = g(2).standard_normal((n, DRIFT_KNOTS, d)) / math.sqrt(d * DRIFT_KNOTS)
+        self.walk = np.concatenate([np.zeros((n, 1, d)), np.cumsum(steps, 1)], 1).astype(np.float16)
+    if c.task_corr < 1:
+        r = g(3)
+        for k in FEED_TASKS + tuple("job_" + t for t in JOB_TASKS):
+            R = np.linalg.qr(r.standard_normal((d, d)))[0]
+            self.e_task[k] = (self.j_emb if k.startswith("job_") else self.e) @ R.T
+            self.q_task[k] = r.normal(0, 0.5, c.n_companies) if k.startswith("job_") else r.standard_normal(c.n_posts)
+    if c.heterogeneity > 0:
+        r = g(4); self.het_feed, self.het_job = r.standard_normal((n, 4)), r.standard_normal((n, 4))
+World._v2 = _v2
+
+# %% ../nbs/02a_world.ipynb #2dc0e1da
+def _protos(self:World, m:np.ndarray, t_hours)->np.ndarray:
+    "Interest prototypes `(n, K, d)` of members `m` at hours `t_hours` (after drift)."
+    c = self.cfg
+    U = self.U[m] if self.U is not None else self.u[m][:, None]
+    if self.walk is None: return U
+    T0, T1 = -c.post_age_days * 24, c.horizon_days * 24
+    f = np.clip((np.broadcast_to(np.asarray(t_hours, float), len(m)) - T0) / max(T1 - T0, 1e-9), 0, 1) * DRIFT_KNOTS
+    j = np.minimum(f.astype(np.int64), DRIFT_KNOTS - 1); w = (f - j)[:, None]
+    W = (1 - w) * self.walk[m, j] + w * self.walk[m, j + 1]
+    return _norm(U + c.drift * W[:, None])
+World._protos = _protos
+
+def affinity(self:World, member_ids, post_ids, t_hours=0.0)->np.ndarray:
+    "True affinity $a_{mi}(t)$: soft maximum over the member's prototypes at hours `t_hours` of their cosine to $e_i$."
+    c, m, p = self.cfg, np.asarray(member_ids), np.asarray(post_ids)
+    if self.U is None and self.walk is None: return np.einsum("nd,nd->n", self.u[m], self.e[p])
+    cos = (self._protos(m, t_hours) * self.e[p][:, None]).sum(-1)
+    if cos.shape[1] == 1: return cos[:, 0]
+    tau = c.interest_temp
+    return tau * (np.logaddexp.reduce(cos / tau, axis=1) - math.log(cos.shape[1]))
+World.affinity = affinity
+
+# %% ../nbs/02a_world.ipynb #e38e37d9
+def _hour(t_hours): return (np.round(np.asarray(t_hours) * 3600) // 3600) % 24
+
+def _feed_cross(self:World, m, post, t_hours, conn, age)->np.ndarray:
+    "Σ β·x of the feed `CROSS_TERMS` (before κ)."
+    s, ty = (self.m_sen[m] - 3) / 3, np.asarray(TYPE_CROSS)[self.p_type[post]]
+    match, h = self.ind_top3[self.m_ind[m], self.p_topic[post]], _hour(t_hours)
+    work = (h >= 9) & (h < 17)
+    b = {k: v[0] for k, v in CROSS_TERMS.items()}
+    return (b["seniority_x_type"] * s * ty + b["industry_x_topic_x_hour"] * (2 * match - 1) * (2 * work - 1)
+            + b["connection_x_fresh"] * (2 * conn - 1) * (2 * (age < 24) - 1))
+World._feed_cross = _feed_cross
+
+def _job_cross(self:World, m, ov, gap, sl, si)->np.ndarray:
+    "Σ β·x of the job `CROSS_TERMS` (before κ)."
+    b, s = {k: v[0] for k, v in CROSS_TERMS.items()}, (self.m_sen[m] - 3) / 3
+    return (b["overlap_x_gap"] * (ov - 0.5) * (gap - 1) + b["location_x_industry"] * (2 * sl - 1) * (2 * si - 1)
+            + b["seniority_x_industry_x_overlap"] * s * (2 * si - 1) * (ov - 0.5))
+World._job_cross = _job_cross
+
+def _slate_terms(rep_t, rep_a, pos)->np.ndarray:
+    "Σ β·x of `SLATE_TERMS` (before λ): extra diminishing returns, a bonus for a new topic below slot 1, fatigue."
+    S = SLATE_TERMS
+    return (S["rep_topic"] * rep_t + S["rep_author"] * rep_a + S["diversity"] * ((rep_t == 0) & (pos > 1))
+            + S["fatigue"] * (pos - 1))
+
+# %% ../nbs/02a_world.ipynb #f83bb37c
+def _tasks(self:World, z, lat, m, items, t_hours, prefix="")->dict:
+    "Task logits: z itself for every task when ρ = 1, else z - (1-ρ)·lat + √(1-ρ²)·(the task's own latent part)."
+    c = self.cfg; r = c.task_corr; names = JOB_TASKS if prefix else FEED_TASKS
+    if r == 1: return dict.fromkeys(names, z)
+    u, s = self.m_skill_emb[m] if prefix else self._protos(m, t_hours)[:, 0], math.sqrt(1 - r * r)
+    w = c.job_affinity if prefix else c.affinity
+    own = {k: w * np.einsum("nd,nd->n", u, self.e_task[prefix + k][items]) for k in names}
+    out = {}
+    for k in names:
+        q = self.q_task[prefix + k][self.j_comp[items]] if prefix else c.quality * self.q_task[k][items]
+        out[k] = z - (1 - r) * lat + s * (own[k] + q)
+    if not prefix: out["dwell_aff"] = own["long_dwell"] / w  # the dwell task's own affinity
+    return out
+World._tasks = _tasks
 
 # %% ../nbs/02a_world.ipynb #bab04303
 BLOCK_SESSIONS = 4096  # sessions per generation block: the unit of seeding, independent of chunk_size
@@ -281,7 +434,8 @@ FEED_SCHEMA = {"session_id": pl.Int64, "member_id": pl.Int32, "post_id": pl.Int3
     "is_connection": pl.Boolean, "history_topic": pl.Int32, "rep_topic": pl.Int16, "rep_author": pl.Int16,
     "true_affinity": pl.Float32, "true_logit": pl.Float32, "p_exam": pl.Float32, "p_click": pl.Float32, "p_like": pl.Float32,
     "p_comment": pl.Float32, "p_long_dwell": pl.Float32, "p_dismiss": pl.Float32,
-    "click": pl.Int8, "like": pl.Int8, "comment": pl.Int8, "long_dwell": pl.Int8, "dismiss": pl.Int8}
+    "click": pl.Int8, "like": pl.Int8, "comment": pl.Int8, "long_dwell": pl.Int8, "dismiss": pl.Int8,
+    "p_share": pl.Float32, "share": pl.Int8, "propensity": pl.Float32}  # v2 columns last
 
 def _sessions(self:World, rng, n:int):
     "Members, start hours and lengths of `n` sessions, and the per-impression session index and position order."
@@ -306,7 +460,8 @@ def _feed_block(self:World, stream:int, block:int)->dict:
     c = self.cfg; rng = np.random.default_rng([c.seed, 1, stream, block])
     m_s, L, t_s, sess = self._sessions(rng, BLOCK_SESSIONS)
     m, n = m_s[sess], len(sess)
-    src = rng.choice(3, n, p=c.feed_sources)
+    uni = c.exposure == "uniform"
+    src = rng.choice(3, n, p=(0, 0, 1) if uni else c.feed_sources)
     post = rng.integers(0, c.n_posts, n)  # source 2 (random) and the fallback
     net = src == 0
     friend = _pick(rng, self.adj_ptr, self.adj, m[net])
@@ -316,42 +471,69 @@ def _feed_block(self:World, stream:int, block:int)->dict:
     tp = _pick(rng, *self.by_topic, _row_sample(rng, np.cumsum(self.theta, 1), m[top]))
     post[np.flatnonzero(top)[tp >= 0]] = tp[tp >= 0]
     _redraw_dups(rng, sess, post, src, c.n_posts)
-    aff = np.einsum("nd,nd->n", self.u[m], self.e[post])
-    o, pos = _order(rng, sess, 2.5 * aff + self.q[post], c.log_noise)
-    sess, m, post, src, aff = sess[o], m[o], post[o], src[o], aff[o]
+    aff = self.affinity(m, post, t_s[sess])
+    score, noise = (np.zeros(n), 1.0) if uni else (2.5 * aff + self.q[post], c.log_noise)  # the logging policy
+    o, pos = _order(rng, sess, score, noise)
+    sess, m, post, src, aff, score = sess[o], m[o], post[o], src[o], aff[o], score[o]
     author, topic = self.p_author[post], self.p_topic[post]
-    return self._feed_truth(rng, block, sess, m, post, src, aff, pos, author, topic, t_s[sess])
+    out = self._feed_truth(rng, block, sess, m, post, src, aff, pos, author, topic, t_s[sess], stream)
+    return out | {"propensity": _pl_propensity(sess, pos, score, noise)}
 World._feed_block = _feed_block
 
+def _pl_propensity(sess, pos, score, noise:float)->np.ndarray:
+    "Plackett–Luce probability of each shown item at its slot given the items above it: $w_k/\\sum_{j\\ge k}w_j$."
+    if noise == 0: return np.ones(len(score))
+    S = np.full((sess.max() + 1, pos.max()), -np.inf); S[sess, pos - 1] = score / noise
+    W = np.exp(S - S.max(1, keepdims=True))
+    D = np.cumsum(W[:, ::-1], 1)[:, ::-1]
+    return W[sess, pos - 1] / D[sess, pos - 1]
+
 # %% ../nbs/02a_world.ipynb #a63930e4
-def _feed_truth(self:World, rng, block, sess, m, post, src, aff, pos, author, topic, t_hours)->dict:
-    "Context features, the true probabilities and drawn outcomes of ordered feed impressions."
-    c = self.cfg
-    conn = self._is_conn(m, author)
-    h = self.hist[m, topic]
-    rep_t, rep_a = _cumcount(sess, topic), _cumcount(sess, author)
-    age = t_hours - self.p_created[post]
+def _feed_probs(self:World, m, post, t_hours, pos, rep_t, rep_a, aff)->dict:
+    "In-context features, the click logit and every feed task's true probability (v1 terms, then each v2 term)."
+    c = self.cfg; ty = self.p_type[post]
+    conn, h, age = self._is_conn(m, self.p_author[post]), self.hist[m, self.p_topic[post]], t_hours - self.p_created[post]
     z = (c.b0 + c.affinity * aff + c.quality * self.q[post] + c.connection * conn + c.history * np.log1p(h)
-         + c.rep_topic * rep_t + c.rep_author * rep_a + c.recency * np.log1p(age / 24) + np.asarray(c.type_effects)[self.p_type[post]])
+         + c.rep_topic * rep_t + c.rep_author * rep_a + c.recency * np.log1p(age / 24) + np.asarray(c.type_effects)[ty])
+    if c.cross_strength: z = z + c.cross_strength * self._feed_cross(m, post, t_hours, conn, age)
+    if c.heterogeneity:
+        x = np.stack([conn, np.log1p(h), np.log1p(age / 24), np.asarray(TYPE_CROSS)[ty]], 1)
+        z = z + c.heterogeneity * (self.het_feed[m] * x * np.asarray(HET_FEED)).sum(1)
+    if c.slate_effects: z = z + c.slate_effects * _slate_terms(rep_t, rep_a, pos)
+    zt = self._tasks(z, c.affinity * aff + c.quality * self.q[post], m, post, t_hours)
     ex = pos.astype(np.float64) ** -c.eta
-    p = {"p_click": ex * _sigmoid(z), "p_like": ex * _sigmoid(z + c.like_offset), "p_comment": ex * _sigmoid(z + c.comment_offset),
-         "p_dismiss": ex * _sigmoid(-z + c.dismiss_offset)}
-    p["p_long_dwell"] = p["p_click"] * _sigmoid(c.dwell_affinity * aff)
-    u = rng.random((5, len(z)))
+    p = {"p_click": ex * _sigmoid(zt["click"]), "p_like": ex * _sigmoid(zt["like"] + c.like_offset),
+         "p_comment": ex * _sigmoid(zt["comment"] + c.comment_offset), "p_dismiss": ex * _sigmoid(-zt["dismiss"] + c.dismiss_offset)}
+    dw = aff if c.task_corr == 1 else c.task_corr * aff + math.sqrt(1 - c.task_corr ** 2) * zt["dwell_aff"]
+    p["p_long_dwell"] = p["p_click"] * _sigmoid(c.dwell_affinity * dw)
+    p["p_share"] = ex * _sigmoid(zt["share"] + c.share_offset)
+    return dict(conn=conn, h=h, age=age, z=zt["click"], ex=ex, **p)
+World._feed_probs = _feed_probs
+
+# %% ../nbs/02a_world.ipynb #57fb65e3
+def _feed_truth(self:World, rng, block, sess, m, post, src, aff, pos, author, topic, t_hours, stream=0)->dict:
+    "Context features, the true probabilities and drawn outcomes of ordered feed impressions."
+    rep_t, rep_a = _cumcount(sess, topic), _cumcount(sess, author)
+    p = self._feed_probs(m, post, t_hours, pos, rep_t, rep_a, aff)
+    u = rng.random((5, len(post)))
+    share = np.random.default_rng([self.cfg.seed, 1, stream, block, 1]).random(len(post)) < p["p_share"]  # v2 draw
     click = u[0] < p["p_click"]
     dwell = click & (u[1] < p["p_long_dwell"] / np.maximum(p["p_click"], 1e-300))
-    return {"session_id": block * BLOCK_SESSIONS + sess, "member_id": m, "post_id": post, "author_id": author, "topic": topic,
-            "post_type": self.p_type[post], "position": pos, "timestamp": START_EPOCH + np.round(t_hours * 3600).astype(np.int64) + pos,
-            "age_hours": age, "source": src, "is_connection": conn, "history_topic": h, "rep_topic": rep_t, "rep_author": rep_a,
-            "true_affinity": aff, "true_logit": z, "p_exam": ex, **{k: p[k] for k in ("p_click", "p_like", "p_comment", "p_long_dwell", "p_dismiss")},
-            "click": click, "like": u[2] < p["p_like"], "comment": u[3] < p["p_comment"], "long_dwell": dwell, "dismiss": u[4] < p["p_dismiss"]}
+    ts = START_EPOCH + np.round(t_hours * 3600).astype(np.int64) + pos
+    return {"session_id": block * BLOCK_SESSIONS + sess, "member_id": m, "post_id": post, "author_id": author,
+            "topic": topic, "post_type": self.p_type[post], "position": pos, "timestamp": ts, "age_hours": p["age"],
+            "source": src, "is_connection": p["conn"], "history_topic": p["h"], "rep_topic": rep_t, "rep_author": rep_a,
+            "true_affinity": aff, "true_logit": p["z"], "p_exam": p["ex"], **{k: v for k, v in p.items() if k[:2] == "p_"},
+            "click": click, "like": u[2] < p["p_like"], "comment": u[3] < p["p_comment"], "long_dwell": dwell,
+            "dismiss": u[4] < p["p_dismiss"], "share": share}
 World._feed_truth = _feed_truth
 
 # %% ../nbs/02a_world.ipynb #7b0d666b
 JOB_SCHEMA = {"session_id": pl.Int64, "member_id": pl.Int32, "job_id": pl.Int32, "company_id": pl.Int32, "position": pl.Int16,
     "timestamp": pl.Int64, "source": pl.Int8, "skill_overlap": pl.Float32, "seniority_gap": pl.Int8, "same_location": pl.Boolean,
     "same_industry": pl.Boolean, "true_logit": pl.Float32, "p_exam": pl.Float32, "p_click": pl.Float32, "p_apply": pl.Float32,
-    "p_dismiss": pl.Float32, "p_hire": pl.Float32, "click": pl.Int8, "apply": pl.Int8, "dismiss": pl.Int8, "hired": pl.Int8}
+    "p_dismiss": pl.Float32, "p_hire": pl.Float32, "click": pl.Int8, "apply": pl.Int8, "dismiss": pl.Int8, "hired": pl.Int8,
+    "propensity": pl.Float32}
 
 def _job_parts(self:World, m:np.ndarray, j:np.ndarray)->dict:
     "Observable match features and the true logit for member–job pairs."
@@ -362,7 +544,12 @@ def _job_parts(self:World, m:np.ndarray, j:np.ndarray)->dict:
     sl, si = self.m_loc[m] == self.j_loc[j], self.m_ind[m] == self.j_ind[j]
     cos = np.einsum("nd,nd->n", self.m_skill_emb[m], self.j_emb[j])
     z = c.j0 + c.skill * ov + c.seniority * gap + c.location * sl + c.industry * si + c.job_affinity * cos + self.c_attr[self.j_comp[j]]
-    return {"skill_overlap": ov, "seniority_gap": gap, "same_location": sl, "same_industry": si, "true_logit": z}
+    if c.cross_strength: z = z + c.cross_strength * self._job_cross(m, ov, gap, sl, si)
+    if c.heterogeneity:
+        z = z + c.heterogeneity * (self.het_job[m] * np.stack([ov, gap, sl, si], 1) * np.asarray(HET_JOB)).sum(1)
+    zt = self._tasks(z, c.job_affinity * cos + self.c_attr[self.j_comp[j]], m, j, 0.0, prefix="job_")
+    return {"skill_overlap": ov, "seniority_gap": gap, "same_location": sl, "same_industry": si, "true_logit": zt["click"],
+            "_apply": zt["apply"], "_dismiss": zt["dismiss"]}
 World._job_parts = _job_parts
 
 def job_logit(self:World, member_ids, job_ids)->np.ndarray:
@@ -370,12 +557,9 @@ def job_logit(self:World, member_ids, job_ids)->np.ndarray:
     return self._job_parts(np.asarray(member_ids), np.asarray(job_ids))["true_logit"]
 World.job_logit = job_logit
 
-def post_logit(self:World, member_ids, post_ids)->np.ndarray:
-    "Context-free true feed logit (affinity, quality, connection, history, type) for member–post pairs."
-    c, m, p = self.cfg, np.asarray(member_ids), np.asarray(post_ids)
-    return (c.b0 + c.affinity * np.einsum("nd,nd->n", self.u[m], self.e[p]) + c.quality * self.q[p]
-            + c.connection * self._is_conn(m, self.p_author[p]) + c.history * np.log1p(self.hist[m, self.p_topic[p]])
-            + np.asarray(c.type_effects)[self.p_type[p]])
+def post_logit(self:World, member_ids, post_ids, t_hours=0.0)->np.ndarray:
+    "Context-free true click logit of member–post pairs at hours `t_hours`: slot 1, no session context, no recency."
+    return self._post_tasks(np.asarray(member_ids), np.asarray(post_ids), t_hours)["click"]
 World.post_logit = post_logit
 
 # %% ../nbs/02a_world.ipynb #214af99b
@@ -384,7 +568,8 @@ def _job_block(self:World, stream:int, block:int)->dict:
     c = self.cfg; rng = np.random.default_rng([c.seed, 2, stream, block])
     m_s, L, t_s, sess = self._sessions(rng, BLOCK_SESSIONS)
     m, n = m_s[sess], len(sess)
-    src = rng.choice(3, n, p=c.job_sources)
+    uni = c.exposure == "uniform"
+    src = rng.choice(3, n, p=(0, 0, 1) if uni else c.job_sources)
     job = rng.integers(0, c.n_jobs, n)
     for s, (grp, key) in enumerate(((self.jobs_by_loc, self.m_loc), (self.jobs_by_ind, self.m_ind))):
         sel = np.flatnonzero(src == s)
@@ -392,18 +577,28 @@ def _job_block(self:World, stream:int, block:int)->dict:
         job[sel[pj >= 0]] = pj[pj >= 0]
     _redraw_dups(rng, sess, job, src, c.n_jobs)
     parts = self._job_parts(m, job)
-    o, pos = _order(rng, sess, parts["true_logit"], c.log_noise)
-    sess, m, job, src = sess[o], m[o], job[o], src[o]
+    score, noise = (np.zeros(n), 1.0) if uni else (parts["true_logit"], c.log_noise)
+    o, pos = _order(rng, sess, score, noise)
+    sess, m, job, src, score = sess[o], m[o], job[o], src[o], score[o]
     parts = {k: v[o] for k, v in parts.items()}
     z, ex = parts["true_logit"], pos.astype(np.float64) ** -c.eta
-    p = {"p_click": ex * _sigmoid(z), "p_apply": ex * _sigmoid(z + c.apply_offset), "p_dismiss": ex * _sigmoid(-z + c.dismiss_offset),
-         "p_hire": _sigmoid(c.hire_b0 + c.hire_skill * parts["skill_overlap"] + c.hire_seniority * parts["seniority_gap"])}
+    p = {"p_click": ex * _sigmoid(z), "p_apply": ex * _sigmoid(parts["_apply"] + c.apply_offset),
+         "p_dismiss": ex * _sigmoid(-parts["_dismiss"] + c.dismiss_offset),
+         "p_hire": self._hire_prob(m, parts["skill_overlap"], parts["seniority_gap"])}
     u = rng.random((4, n))
     apply = u[1] < p["p_apply"]
     return {"session_id": block * BLOCK_SESSIONS + sess, "member_id": m, "job_id": job, "company_id": self.j_comp[job], "position": pos,
             "timestamp": START_EPOCH + np.round(t_s[sess] * 3600).astype(np.int64) + pos, "source": src, **parts, "p_exam": ex, **p,
-            "click": u[0] < p["p_click"], "apply": apply, "dismiss": u[2] < p["p_dismiss"], "hired": apply & (u[3] < p["p_hire"])}
+            "click": u[0] < p["p_click"], "apply": apply, "dismiss": u[2] < p["p_dismiss"], "hired": apply & (u[3] < p["p_hire"]),
+            "propensity": _pl_propensity(sess, pos, score, noise)}
 World._job_block = _job_block
+
+def _hire_prob(self:World, m, ov, gap)->np.ndarray:
+    "P(hire | apply): the recruiter's acceptance, from the member's skill overlap, seniority gap and (hire_merit) merit."
+    c = self.cfg
+    z = c.hire_b0 + c.hire_skill * ov + c.hire_seniority * gap
+    return _sigmoid(z + c.hire_merit * self.m_merit[m] if c.hire_merit else z)
+World._hire_prob = _hire_prob
 
 # %% ../nbs/02a_world.ipynb #75b6f15a
 def _check_n(name:str, v)->int:
@@ -466,13 +661,305 @@ def hires(self:World, n_impressions:int, # job impressions to simulate
     return pl.concat([df.filter(pl.col("hired") == 1).select(cols) for df in self.iter_impressions("job", n_impressions, 500_000, stream)])
 World.hires = hires
 
+# %% ../nbs/02a_world.ipynb #210907eb
+HISTORY_KINDS = ("post", "job")
+HISTORY_ACTIONS = ("click", "like", "comment", "share", "apply")
+HISTORY_SCHEMA = {"member_id": pl.Int32, "item_id": pl.Int32, "kind": pl.Enum(HISTORY_KINDS),
+                  "action": pl.Enum(HISTORY_ACTIONS), "timestamp": pl.Int64}
+HISTORY_BLOCK, HISTORY_CANDIDATES, JOB_EVENT_SHARE = 16_384, 8, 0.2
+
+def _post_tasks(self:World, m, p, t_hours)->dict:
+    "Context-free task logits (slot 1, no session context, no recency) of member–post pairs at hours `t_hours`."
+    c = self.cfg
+    aff, conn, h = self.affinity(m, p, t_hours), self._is_conn(m, self.p_author[p]), self.hist[m, self.p_topic[p]]
+    z = (c.b0 + c.affinity * aff + c.quality * self.q[p] + c.connection * conn + c.history * np.log1p(h)
+         + np.asarray(c.type_effects)[self.p_type[p]])
+    t = np.asarray(TYPE_CROSS)[self.p_type[p]]
+    if c.cross_strength: z = z + c.cross_strength * CROSS_TERMS["seniority_x_type"][0] * (self.m_sen[m] - 3) / 3 * t
+    if c.heterogeneity:
+        x = np.stack([conn, np.log1p(h), t], 1) * np.asarray(HET_FEED)[[0, 1, 3]]
+        z = z + c.heterogeneity * (self.het_feed[m][:, [0, 1, 3]] * x).sum(1)
+    return self._tasks(z, c.affinity * aff + c.quality * self.q[p], m, p, t_hours)
+World._post_tasks = _post_tasks
+
+# %% ../nbs/02a_world.ipynb #ae890ac3
+def _gumbel_pick(rng, z:np.ndarray, C:int)->np.ndarray:
+    "Index (0..C-1) of the winner in each row of `z.reshape(-1, C)` under Gumbel-max (−inf never wins)."
+    return (z + rng.gumbel(size=len(z))).reshape(-1, C).argmax(1)
+
+def _history_block(self:World, stream:int, block:int)->dict:
+    "One block of `HISTORY_BLOCK` candidate events (columns as numpy; `ok` marks events that found an item)."
+    c = self.cfg; rng = np.random.default_rng([c.seed, 3, stream, block]); B, C = HISTORY_BLOCK, HISTORY_CANDIDATES
+    act_cdf = np.cumsum(self.m_act)
+    m = np.minimum(np.searchsorted(act_cdf, rng.random(B) * act_cdf[-1]), c.n_members - 1)
+    t = rng.uniform(-c.post_age_days * 24, c.horizon_days * 24, B)
+    is_job = rng.random(B) < JOB_EVENT_SHARE; item, act = np.zeros(B, np.int64), np.zeros(B, np.int64)
+    P, J = np.flatnonzero(~is_job), np.flatnonzero(is_job)
+    mm, tt, r = np.repeat(m[P], C), np.repeat(t[P], C), np.arange(len(P))
+    cand = rng.integers(0, c.n_posts, len(mm)); half = np.flatnonzero(np.tile(np.arange(C) < C // 2, len(P)))
+    tp = _pick(rng, *self.by_topic, _row_sample(rng, np.cumsum(self.theta, 1), mm[half]))
+    cand[half[tp >= 0]] = tp[tp >= 0]
+    zt = self._post_tasks(mm, cand, tt)
+    k = _gumbel_pick(rng, np.where(self.p_created[cand] < tt, zt["click"], -np.inf), C)
+    item[P], sel = cand.reshape(-1, C)[r, k], r * C + k
+    offs = (0.0, c.like_offset, c.comment_offset, c.share_offset)
+    w = np.stack([_sigmoid(zt[a][sel] + o) for a, o in zip(HISTORY_ACTIONS[:4], offs)], 1)
+    act[P] = _row_sample(rng, np.cumsum(w, 1), r)
+    mj, rj = np.repeat(m[J], C), np.arange(len(J))
+    jc = rng.integers(0, c.n_jobs, len(mj))
+    for s, (grp, key) in enumerate(((self.jobs_by_loc, self.m_loc), (self.jobs_by_ind, self.m_ind))):
+        ix = np.flatnonzero(np.tile(np.arange(C) % 3 == s, len(J))); pj = _pick(rng, *grp, key[mj[ix]])
+        jc[ix[pj >= 0]] = pj[pj >= 0]
+    jp = self._job_parts(mj, jc); kj = _gumbel_pick(rng, jp["true_logit"], C); js = rj * C + kj
+    pa, pc = _sigmoid(jp["_apply"][js] + c.apply_offset), _sigmoid(jp["true_logit"][js])
+    item[J], act[J] = jc.reshape(-1, C)[rj, kj], np.where(rng.random(len(J)) < pa / (pa + pc), 4, 0)
+    ok = is_job | (self.p_created[item] < t)
+    return dict(member_id=m, item_id=item, kind=is_job.astype(np.int8), action=act,
+                timestamp=START_EPOCH + np.round(t * 3600).astype(np.int64), ok=ok)
+World._history_block = _history_block
+
+# %% ../nbs/02a_world.ipynb #ba3a1fd9
+def histories(self:World, n_events:int, # events to draw
+              stream:int=0, # independent log index
+             )->pl.DataFrame:
+    "`n_events` time-ordered engagement events `(member_id, item_id, kind, action, timestamp)` (`HISTORY_SCHEMA`)."
+    n, parts, got, b = _check_n("n_events", n_events), [], 0, 0
+    while got < n:
+        d = self._history_block(int(stream), b); b += 1; ok = d.pop("ok")
+        parts.append({k: v[ok] for k, v in d.items()}); got += int(ok.sum())
+    cols = {k: np.concatenate([p[k] for p in parts])[:n] for k in parts[0]}
+    cols["kind"] = np.asarray(HISTORY_KINDS)[cols["kind"]]; cols["action"] = np.asarray(HISTORY_ACTIONS)[cols["action"]]
+    return pl.DataFrame(cols).cast(HISTORY_SCHEMA).sort("timestamp", maintain_order=True)
+World.histories = histories
+
+# %% ../nbs/02a_world.ipynb #2f741d14
+def _time_range(self:World, t, lo_days:float, name:str="t")->np.ndarray:
+    "Epoch seconds `t` as int64, checked to lie in [START_EPOCH + lo_days, START_EPOCH + horizon_days]."
+    t = np.asarray(t)
+    if t.dtype.kind not in "iuf": raise ValueError(f"{name} must be epoch seconds (numbers), got dtype {t.dtype}")
+    lo, hi = START_EPOCH + lo_days * 86400, START_EPOCH + self.cfg.horizon_days * 86400 + self.cfg.max_position
+    if ((t < lo) | (t > hi)).any():
+        raise ValueError(f"{name} must be epoch seconds in [{lo:.0f}, {hi:.0f}] (the simulated timeline), got {t.min()}..{t.max()}")
+    return t.astype(np.int64)
+World._time_range = _time_range
+
+def _check_members(self:World, member_ids)->np.ndarray:
+    m = np.atleast_1d(np.asarray(member_ids))
+    if m.dtype.kind not in "iu" or (m < 0).any() or (m >= self.cfg.n_members).any():
+        raise ValueError(f"member_ids must be ints in [0, {self.cfg.n_members}), got {m[:5]}...")
+    return m.astype(np.int64)
+World._check_members = _check_members
+
+def history_before(self:World, member_ids, # (n,) members
+                   t, # epoch seconds: one for all or (n,); events strictly before it are returned
+                   max_len:int=50, # events per row (the most recent ones)
+                   stream:int=0)->dict:
+    "Padded arrays `item_id, kind, action, timestamp (n, max_len)`, `length (n,)` of each member's events before `t`."
+    m, L = self._check_members(member_ids), _check_n("max_len", max_len)
+    t = np.broadcast_to(self._time_range(t, -self.cfg.post_age_days), len(m))
+    log, keys, ptr = self._history_index(stream)
+    end = np.searchsorted(keys, (m << 32) | (t - self._t0s))
+    length = np.minimum(end - ptr[m], L)
+    ix = end[:, None] - L + np.arange(L); valid = np.arange(L) >= (L - length)[:, None]
+    ix = np.where(valid, ix, 0)
+    pad = lambda a, v: np.where(valid, a[ix], v)
+    return dict(item_id=pad(log["item_id"], -1).astype(np.int32), kind=pad(log["kind"], -1).astype(np.int8),
+                action=pad(log["action"], -1).astype(np.int8), timestamp=pad(log["timestamp"], 0), length=length.astype(np.int32))
+World.history_before = history_before
+
+def _history_index(self:World, stream:int=0):
+    "The canonical history log of `stream` as numpy columns sorted by (member, time), its search keys and member offsets."
+    cache = self.__dict__.setdefault("_hist_cache", {})
+    if stream not in cache:
+        df = self.histories(max(1, round(self.cfg.history_per_member * self.cfg.n_members)), stream)
+        df = df.with_columns(pl.col("kind").to_physical(), pl.col("action").to_physical()).sort("member_id", "timestamp", maintain_order=True)
+        log = {k: df[k].to_numpy() for k in df.columns}
+        self._t0s = START_EPOCH - int(self.cfg.post_age_days * 86400) - 1
+        keys = (log["member_id"].astype(np.int64) << 32) | (log["timestamp"] - self._t0s)
+        ptr = np.concatenate([[0], np.cumsum(np.bincount(log["member_id"], minlength=self.cfg.n_members))])
+        cache[stream] = (log, keys, ptr)
+    return cache[stream]
+World._history_index = _history_index
+
+# %% ../nbs/02a_world.ipynb #39e25263
+def _check_slate(self:World, member_id, slate, t)->tuple:
+    "Validated `(member, slates (R, L) int64, hours)`; errors name the field and the valid range."
+    m = self._check_members(member_id)
+    if len(m) != 1: raise ValueError(f"member_id must be one member, got {len(m)}")
+    S = np.asarray(slate)
+    if S.ndim not in (1, 2) or S.shape[-1] == 0 or S.dtype.kind not in "iu":
+        raise ValueError(f"slate must be a non-empty 1-D (or 2-D: several orders) int array of post ids, got {S.dtype} {S.shape}")
+    S2 = S.reshape(-1, S.shape[-1]).astype(np.int64)
+    if (bad := S2[(S2 < 0) | (S2 >= self.cfg.n_posts)]).size:
+        raise ValueError(f"slate has unknown post ids {np.unique(bad)[:5].tolist()}; valid: 0..{self.cfg.n_posts - 1}")
+    srt = np.sort(S2, 1)
+    if (srt[:, 1:] == srt[:, :-1]).any(): raise ValueError("slate has duplicate post ids; each item may appear once per slate")
+    if S2.shape[1] > self.cfg.max_position: raise ValueError(f"slate is longer than max_position={self.cfg.max_position}")
+    th = (self._time_range(t, 0.0) - START_EPOCH) / 3600
+    return int(m[0]), S2, float(np.asarray(th).reshape(-1)[0])
+World._check_slate = _check_slate
+
+def _slate_probs(self:World, member_id, slate, t, task="click")->np.ndarray:
+    "Per-slot probabilities `(R, L)` of `task` for each order in `slate`."
+    if task not in FEED_TASKS: raise ValueError(f"task must be one of {FEED_TASKS}, got {task!r}")
+    mid, S, th = self._check_slate(member_id, slate, t)
+    R, L = S.shape; post = S.ravel(); m = np.full(R * L, mid); sess = np.repeat(np.arange(R), L)
+    pos = np.tile(np.arange(1, L + 1), R); tt = np.full(R * L, th)
+    rep_t, rep_a = _cumcount(sess, self.p_topic[post]), _cumcount(sess, self.p_author[post])
+    p = self._feed_probs(m, post, tt, pos, rep_t, rep_a, self.affinity(m, post, tt))
+    return p["p_" + task].reshape(R, L)
+World._slate_probs = _slate_probs
+
+# %% ../nbs/02a_world.ipynb #ec00f59d
+def slate_value(self:World, member_id:int, slate, # post ids in slot order: (L,), or (R, L) for R orders
+                t, # epoch seconds when the slate is shown (within the horizon)
+                task:str="click")->float|np.ndarray:
+    "Exact expected number of `task` engagements of an ordered slate: Σ_k P(examine k)·P(task | item, items above)."
+    v = self._slate_probs(member_id, slate, t, task).sum(1)
+    return float(v[0]) if np.ndim(slate) == 1 else v
+World.slate_value = slate_value
+
+def sample_slate(self:World, member_id:int, slate, t, n_samples:int=1, # independent draws of the outcomes
+                 seed:int=0, task:str="click")->np.ndarray:
+    "Drawn `task` outcomes `(n_samples, L)` bool of one ordered slate (slots independent given the slate)."
+    p = self._slate_probs(member_id, np.asarray(slate).reshape(1, -1), t, task)[0]
+    return np.random.default_rng([self.cfg.seed, 4, seed]).random((_check_n("n_samples", n_samples), len(p))) < p
+World.sample_slate = sample_slate
+
+# %% ../nbs/02a_world.ipynb #702d4ae8
+def _pl_log_prob(logw:np.ndarray, orders:np.ndarray)->np.ndarray:
+    "Log Plackett–Luce probability of each row of `orders` (item indices, full permutations) under log weights `logw`."
+    lw = logw[orders]
+    tail = np.logaddexp.accumulate(lw[:, ::-1], axis=1)[:, ::-1]
+    return (lw - tail).sum(1)
+
+def logging_propensities(self:World, member_id:int, items, # the candidates the policy orders (post ids)
+                         t, n_samples:int=20_000, # Monte Carlo orders when more than 7 candidates
+                         seed:int=0)->tuple[np.ndarray, np.ndarray]:
+    "`(P, se)`: `P[i, k]` = probability that the feed's logging policy puts `items[i]` at slot k; se = 0 when exact."
+    mid, S, th = self._check_slate(member_id, items, t); it = S[0]; L = len(it); c = self.cfg
+    if c.exposure == "uniform": return np.full((L, L), 1 / L), np.zeros((L, L))
+    m = np.full(L, mid)
+    s = (2.5 * self.affinity(m, it, np.full(L, th)) + self.q[it]) / max(c.log_noise, 1e-12)
+    if L <= 7:
+        import itertools
+        orders = np.array(list(itertools.permutations(range(L))))
+        pr = np.exp(_pl_log_prob(s, orders)); P = np.zeros((L, L))
+        for k in range(L): np.add.at(P[:, k], orders[:, k], pr)
+        return P, np.zeros((L, L))
+    rng = np.random.default_rng([c.seed, 5, seed]); n = _check_n("n_samples", n_samples)
+    orders = np.argsort(-(s + rng.gumbel(size=(n, L))), 1)
+    P = np.stack([np.bincount(orders[:, k], minlength=L) for k in range(L)], 1) / n
+    return P, np.sqrt(P * (1 - P) / n)
+World.logging_propensities = logging_propensities
+
+# %% ../nbs/02a_world.ipynb #77db8c68
+SKILL_WORDS = ["Python", "SQL", "Negotiation", "Forecasting", "Welding", "Pharmacology", "Curriculum", "Logistics",
+               "Accounting", "Design", "Statistics", "Sales", "Networking", "Compliance", "Editing", "Surveying",
+               "Robotics", "Nutrition", "Auditing", "Recruiting"]
+SKILL_LEVELS = ["Applied", "Advanced", "Clinical", "Digital", "Strategic", "Operational", "Technical", "Creative",
+                "Quantitative", "Field"]
+
+def skill_name(i:int)->str:
+    "Deterministic English name of skill `i` (fixed word lists)."
+    return f"{SKILL_LEVELS[(i // len(SKILL_WORDS)) % len(SKILL_LEVELS)]} {SKILL_WORDS[i % len(SKILL_WORDS)]}" + (
+        f" {i // (len(SKILL_WORDS) * len(SKILL_LEVELS)) + 1}" if i >= len(SKILL_WORDS) * len(SKILL_LEVELS) else "")
+
+def applications(self:World, n_impressions:int, # job impressions to simulate
+                 stream:int=0)->pl.DataFrame:
+    "Every application `(member_id, job_id, company_id, timestamp, p_hire, hired)` among `n_impressions` job impressions."
+    cols = ["member_id", "job_id", "company_id", "timestamp", "p_hire", "hired"]
+    it = self.iter_impressions("job", n_impressions, 500_000, stream)
+    return pl.concat([df.filter(pl.col("apply") == 1).select(cols) for df in it])
+World.applications = applications
+
+def activity_bucket(self:World, member_ids)->np.ndarray:
+    "`ACTIVITY_BUCKETS` name of each member by past activity `history_len`: sparse < 10 ≤ medium < 100 ≤ heavy."
+    h = self.hist_len[self._check_members(member_ids)]
+    return np.asarray(ACTIVITY_BUCKETS)[np.digitize(h, [10, 100])]
+World.activity_bucket = activity_bucket
+
+# %% ../nbs/02a_world.ipynb #4366c736
+FIRST_NAMES = ["Ava", "Ben", "Chloe", "Dev", "Elena", "Farid", "Grace", "Hiro", "Ines", "Jonas", "Kemi", "Liam", "Maya",
+               "Nikhil", "Olga", "Pablo", "Qing", "Rosa", "Sam", "Tara", "Umar", "Vera", "Wei", "Ximena", "Yusuf",
+               "Zoe", "Arjun", "Bea", "Carlos", "Dana", "Emil", "Fatima", "Gus", "Hana", "Ivan", "Jade", "Kofi", "Lena",
+               "Marco", "Nora"]
+LAST_NAMES = ["Smith", "Garcia", "Chen", "Patel", "Okafor", "Muller", "Rossi", "Tanaka", "Silva", "Novak", "Kim", "Haddad",
+              "Johansson", "Nguyen", "Dubois", "Kowalski", "Mensah", "Ivanova", "Lopez", "Brown", "Singh", "Cohen",
+              "Yilmaz", "Santos", "Murphy", "Sato", "Ali", "Schmidt", "Costa", "Wright", "Park", "Fischer", "Moreau",
+              "Reyes", "Nakamura", "Adeyemi", "Larsen", "Bianchi", "Khan", "Walsh"]
+TOPIC_NAMES = ["machine learning", "leadership", "remote work", "personal finance", "healthcare policy", "education",
+               "retail trends", "manufacturing", "media", "consulting", "renewable energy", "public policy",
+               "supply chains", "travel", "startups", "career advice", "diversity", "cloud computing", "marketing",
+               "data privacy"]
+COMPANY_WORDS = ["Northwind", "Bluepeak", "Cedar", "Helix", "Orbit", "Summit", "Lumen", "Vertex", "Harbor", "Quarry"]
+COMPANY_KINDS = ["Labs", "Group", "Partners", "Systems", "Works", "Health", "Capital", "Studios"]
+
+def member_name(m:int)->str: return f"{FIRST_NAMES[m % 40]} {LAST_NAMES[(m // 40) % 40]}"
+def company_name(c:int)->str: return f"{COMPANY_WORDS[c % 10]} {COMPANY_KINDS[(c // 10) % 8]}" + (f" {c // 80 + 1}" if c >= 80 else "")
+def topic_name(t:int)->str: return TOPIC_NAMES[t] if t < len(TOPIC_NAMES) else f"topic {t}"
+def _title(self:World, sen:int, ind:int)->str: return f"{SENIORITY[sen]} {_names(ROLES, self.cfg.n_industries, 'Role')[ind]}"
+World._title = _title
+
+# %% ../nbs/02a_world.ipynb #a0cbf89e
+def describe_member(self:World, member_id:int)->str:
+    "One paragraph: name, title, industry, city, employer, top skills and most engaged topics (observable only)."
+    m = int(self._check_members(member_id)[0]); c = self.cfg
+    ind, city = _names(INDUSTRIES, c.n_industries, "Industry")[self.m_ind[m]], _names(CITIES, c.n_locations, "City")[self.m_loc[m]]
+    skills = ", ".join(skill_name(int(s)) for s in np.flatnonzero(self.m_skills[m])[:5])
+    top = ", ".join(topic_name(int(t)) for t in np.argsort(-self.hist[m], kind="stable")[:3] if self.hist[m, t] > 0)
+    ti = self._title(self.m_sen[m], self.m_ind[m])
+    return (f"{member_name(m)} is {'an' if ti[0] in 'AEIOU' else 'a'} {ti} in {ind}, based in {city}, working at "
+            f"{company_name(int(self.m_comp[m]))}. Skills: {skills}. Most engaged topics: {top or 'none yet'}.")
+World.describe_member = describe_member
+
+def describe_post(self:World, post_id:int)->str:
+    "One sentence: type, topic, author (name and title) and age at time 0."
+    p = int(np.asarray(post_id))
+    if not 0 <= p < self.cfg.n_posts: raise ValueError(f"post_id must be in [0, {self.cfg.n_posts}), got {p}")
+    a = int(self.p_author[p])
+    return (f"A {POST_TYPES[self.p_type[p]]} post about {topic_name(int(self.p_topic[p]))} by {member_name(a)} "
+            f"({self._title(self.m_sen[a], self.m_ind[a])}), published {-self.p_created[p] / 24:.1f} days before 2026-01-01.")
+World.describe_post = describe_post
+
+def describe_job(self:World, job_id:int)->str:
+    "One sentence: title, company, industry, city and required skills."
+    j = int(np.asarray(job_id)); c = self.cfg
+    if not 0 <= j < c.n_jobs: raise ValueError(f"job_id must be in [0, {c.n_jobs}), got {j}")
+    ind, city = _names(INDUSTRIES, c.n_industries, "Industry")[self.j_ind[j]], _names(CITIES, c.n_locations, "City")[self.j_loc[j]]
+    req = ", ".join(skill_name(int(s)) for s in np.flatnonzero(self.j_skills[j]))
+    return f"{self._title(self.j_sen[j], self.j_ind[j])} at {company_name(int(self.j_comp[j]))} ({ind}, {city}). Required skills: {req}."
+World.describe_job = describe_job
+
+# %% ../nbs/02a_world.ipynb #cb396efa
+_VERBS = ("clicked", "liked", "commented on", "shared")
+
+def history_text(self:World, member_id:int, t, # epoch seconds: only events before it
+                 max_items:int=10, stream:int=0)->str:
+    "The member's last `max_items` events before `t` as English, oldest first."
+    h = self.history_before([member_id], t, max_items, stream)
+    lines = []
+    for it, k, a, ts in zip(h["item_id"][0], h["kind"][0], h["action"][0], h["timestamp"][0]):
+        if it < 0: continue
+        day = (ts - START_EPOCH) / 86400
+        what = (f"applied to {self._title(self.j_sen[it], self.j_ind[it])} at {company_name(int(self.j_comp[it]))}" if a == 4 else
+                f"viewed the job {self._title(self.j_sen[it], self.j_ind[it])} at {company_name(int(self.j_comp[it]))}" if k == 1 else
+                f"{_VERBS[a]} a {POST_TYPES[self.p_type[it]]} post about "
+                f"{topic_name(int(self.p_topic[it]))}")
+        lines.append(f"day {day:+.1f}: {what}")
+    return f"Activity of {member_name(int(member_id))}: " + ("; ".join(lines) if lines else "no activity yet") + "."
+World.history_text = history_text
+
 # %% ../nbs/02a_world.ipynb #965ff8f1
 FEED_FEATURES = ["hist_cos", "hist_share", "log1p_hist_topic", "is_connection", "rep_topic", "rep_author",
                  "log1p_age_days", "inv_position"] + [f"type_{t}" for t in POST_TYPES]
 JOB_FEATURES = ["skill_overlap", "seniority_gap", "same_location", "same_industry", "skill_cos", "inv_position"]
+FEED_EXTRA = ["seniority", "industry_topic_match", "work_hours"]  # observable inputs of the planted crosses
+JOB_EXTRA = ["member_seniority"]
 
-def feed_features(self:World, imps:pl.DataFrame)->tuple[np.ndarray, list[str]]:
-    "Observable feature matrix `(X float32 (n, 12), FEED_FEATURES)` for feed impressions."
+def feed_features(self:World, imps:pl.DataFrame, extended:bool=False, # add FEED_EXTRA (what the crosses need)
+                 )->tuple[np.ndarray, list[str]]:
+    "Observable feature matrix `(X float32 (n, 12 or 15), names)` for feed impressions."
     cen = _norm(np.stack([self.e[self.p_topic == k].mean(0) if (self.p_topic == k).any() else np.zeros(self.cfg.dim)
                           for k in range(self.cfg.n_topics)]))
     prof = _norm(self.hist @ cen)
@@ -481,15 +968,20 @@ def feed_features(self:World, imps:pl.DataFrame)->tuple[np.ndarray, list[str]]:
     cols = [np.einsum("nd,nd->n", prof[m], self.e[p]), h / H, np.log1p(h), imps["is_connection"].to_numpy(),
             imps["rep_topic"].to_numpy(), imps["rep_author"].to_numpy(), np.log1p(imps["age_hours"].to_numpy() / 24),
             1 / imps["position"].to_numpy()] + [imps["post_type"].to_numpy() == t for t in range(len(POST_TYPES))]
-    return np.stack(cols, 1).astype(np.float32), list(FEED_FEATURES)
+    if extended:
+        hour = ((imps["timestamp"] - imps["position"]).to_numpy() - START_EPOCH) // 3600 % 24
+        cols += [self.m_sen[m], self.ind_top3[self.m_ind[m], imps["topic"].to_numpy()], (hour >= 9) & (hour < 17)]
+    return np.stack(cols, 1).astype(np.float32), FEED_FEATURES + FEED_EXTRA * extended
 World.feed_features = feed_features
 
-def job_features(self:World, imps:pl.DataFrame)->tuple[np.ndarray, list[str]]:
-    "Observable feature matrix `(X float32 (n, 6), JOB_FEATURES)` for job impressions."
+def job_features(self:World, imps:pl.DataFrame, extended:bool=False, # add JOB_EXTRA
+                )->tuple[np.ndarray, list[str]]:
+    "Observable feature matrix `(X float32 (n, 6 or 7), names)` for job impressions."
     m, j = imps["member_id"].to_numpy(), imps["job_id"].to_numpy()
     cols = [imps[c].to_numpy() for c in JOB_FEATURES[:4]] + [np.einsum("nd,nd->n", self.m_skill_emb[m], self.j_emb[j]),
                                                              1 / imps["position"].to_numpy()]
-    return np.stack(cols, 1).astype(np.float32), list(JOB_FEATURES)
+    cols += [self.m_sen[m]] * extended
+    return np.stack(cols, 1).astype(np.float32), JOB_FEATURES + JOB_EXTRA * extended
 World.job_features = job_features
 
 # %% ../nbs/02a_world.ipynb #8a1a78b5
