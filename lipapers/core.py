@@ -47,8 +47,8 @@ def seed_everything(seed:int, # the seed for python, numpy and torch
 # %% ../nbs/00_core.ipynb #fd65f095
 @dataclass
 class Timing:
-    "Wall-time statistics of one benchmarked function, in seconds."
-    median:float; p20:float; p80:float; n:int; device:str
+    "Wall-time statistics of one benchmarked function, in seconds (`samples`: every timed repeat, in order)."
+    median:float; p20:float; p80:float; n:int; device:str; samples:list=field(default_factory=list)
     def __repr__(self): return (f"Timing(median={self.median*1e3:.3f} ms, p20={self.p20*1e3:.3f}, "
                                 f"p80={self.p80*1e3:.3f}, n={self.n}, {self.device})")
 
@@ -68,7 +68,7 @@ def _time_once(fn, device:torch.device)->float:
 # %% ../nbs/00_core.ipynb #c7abc491
 def _stats(xs, device)->Timing:
     q = np.quantile(np.asarray(xs), [0.5, 0.2, 0.8])
-    return Timing(float(q[0]), float(q[1]), float(q[2]), len(xs), str(device))
+    return Timing(float(q[0]), float(q[1]), float(q[2]), len(xs), str(device), [float(x) for x in xs])
 
 # %% ../nbs/00_core.ipynb #06f1b75c
 def bench_compare(fns:dict, # name -> zero-argument callable
