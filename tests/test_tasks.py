@@ -113,3 +113,111 @@ def test_mixture_and_bad_input():
         mixture(5, families=("sort", "add"), weights=(1,))
     with pytest.raises(ValueError, match="families is empty"):
         mixture(5, families=())
+
+
+# ---------------------------------------------------------------- preference pairs, evaluation
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import lipapers.lm as LMm  # noqa: E402
+
+
+def test_bt_prob_limits():
+    assert T.bt_prob(0.6, 0.5, 0.1) == pytest.approx(1 / (1 + np.exp(-1)))
+    assert list(T.bt_prob([1, 0, 0.3], [0, 1, 0.3], 0)) == [1, 0, 0.5]
+    assert T.bt_prob(1.0, 0.0, 1e9) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="bt_temperature must be >= 0"):
+        T.bt_prob(1, 0, -1)
+
+
+def _fake_generate(table):
+    def gen(model, tok, prompts, max_new_tokens=16, temperature=1.0, *a, seed=0, return_logprobs=False, **kw):
+        out = [table(p, i, seed) for i, p in enumerate(prompts)]
+        if return_logprobs:
+            n = torch.full((len(out),), 3)
+            return out, LMm.SeqLogprobs(-0.3 * n, torch.full((len(out),), -0.3), n)
+        return out
+    return gen
+
+
+def test_preference_pairs_bradley_terry_frequency(monkeypatch):
+    # two responses per prompt with rewards 1.0 and 0.75: the better is chosen with probability sigma(0.25 / 0.1)
+    monkeypatch.setattr(LMm, "generate", _fake_generate(lambda p, i, s: " 1234" if i % 2 == 0 else " 1235"))
+    n = 2000
+    df = T.preference_pairs(None, None, ["copy 1234 ="] * n, k=2, bt_temperature=0.1, seed=0)
+    assert len(df) == n and set(df["family"]) == {"copy"}
+    p = 1 / (1 + np.exp(-2.5))
+    freq = float((df["r_chosen"] > df["r_rejected"]).mean())
+    assert abs(freq - p) < 4 * np.sqrt(p * (1 - p) / n), (freq, p)
+    assert df.equals(T.preference_pairs(None, None, ["copy 1234 ="] * n, k=2, seed=0))  # deterministic per seed
+    # tau = 0: the better response always wins; identical responses are never paired
+    df0 = T.preference_pairs(None, None, ["copy 1234 ="] * 50, k=2, bt_temperature=0)
+    assert (df0["r_chosen"] > df0["r_rejected"]).all()
+    monkeypatch.setattr(LMm, "generate", _fake_generate(lambda p, i, s: " 1234"))
+    assert len(T.preference_pairs(None, None, ["copy 1234 ="] * 5, k=3)) == 0
+    with pytest.raises(ValueError, match="k must be >= 2"):
+        T.preference_pairs(None, None, ["copy 1 ="], k=1)
+    with pytest.raises(ValueError, match="prompts is empty"):
+        T.preference_pairs(None, None, [])
+
+
+def test_preference_data_holds_families_out(monkeypatch):
+    monkeypatch.setattr(LMm, "generate", _fake_generate(lambda p, i, s: [" 1", " 22", " 333"][i % 3]))
+    d = T.preference_data(None, None, n_prompts=5, families=("sort", "add"), heldout_families=("reverse",), n_eval=4, k=3)
+    assert set(d.pairs["family"]) <= {"sort", "add"} and len(d.pairs) == 10 * 3
+    ev = d.eval_prompts
+    assert set(zip(ev["family"], ev["split"])) == {("sort", "test"), ("sort", "ood"), ("add", "test"), ("add", "ood"),
+                                                   ("reverse", "heldout_family")}
+    assert not set(ev["prompt"]) & set(d.pairs["prompt"])
+    with pytest.raises(ValueError, match="both trained and held out"):
+        T.preference_data(None, None, families=("sort",), heldout_families=("sort",))
+
+
+def test_evaluate_scores_answers(monkeypatch):
+    monkeypatch.setattr(LMm, "generate", _fake_generate(lambda p, i, s: reference(p)))  # a perfect policy
+    df = T.evaluate(None, None, families=("sort", "add"), n=8)
+    assert df["exact_match"].to_list() == [1.0, 1.0] and df["gold_reward"].to_list() == [1.0, 1.0]
+    assert df["own_logprob_mean"].to_list() == pytest.approx([-0.3, -0.3])
+
+
+def test_evaluate_real_model_smoke():
+    from tests.test_lm import _CharTok
+    torch.manual_seed(0)
+    m = LMm.LM(LMm.LMConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, max_seq_len=64))
+    df = T.evaluate(m, _CharTok(), families=("copy",), n=3, max_new_tokens=5)
+    assert df["n"][0] == 3 and 0 <= df["gold_reward"][0] <= 1 and df["own_logprob_mean"][0] < 0
+
+
+# ---------------------------------------------------------------- verbalized recommendation
+
+
+def test_recommend_reward_is_the_oracle_probability():
+    exs = examples("recommend", 20, seed=1)
+    assert exs == examples("recommend", 20, seed=1)
+    w = T.reco_world()
+    for e in exs:
+        m, i = T._reco_ids(e.prompt)
+        assert w.describe_member(m) in e.prompt and w.describe_post(i) in e.prompt
+        p = float(1 / (1 + np.exp(-w.post_logit([m], [i])[0])))  # the oracle, recomputed from the world
+        assert gold_reward(e.prompt, " Yes") == pytest.approx(p) and gold_reward(e.prompt, " No") == pytest.approx(1 - p)
+        assert gold_reward(e.prompt, e.reference) == pytest.approx(max(p, 1 - p))  # the Bayes answer is the best one
+        for bad in (" Yes Yes", " Yes, I think so", " maybe", ""):  # anything else, longer or not, earns nothing
+            assert gold_reward(e.prompt, bad) == 0.0
+        assert gold_reward(e.prompt, " Yes<|endoftext|>junk") == pytest.approx(p)
+    ps = np.array([T._reco_p(e.prompt) for e in examples("recommend", 100, seed=2)])
+    assert ps.min() < 0.2 and ps.max() > 0.6  # spread over (0, 1), not piled at the base rate
+
+
+def test_recommend_splits_and_targets():
+    cut = int(0.9 * T.reco_world().cfg.n_members)
+    assert all(T._reco_ids(e.prompt)[0] >= cut for e in examples("recommend", 10, split="ood"))
+    assert all(T._reco_ids(e.prompt)[0] < cut for e in examples("recommend", 10, split="test"))
+    e = examples("recommend", 1, seed=3)[0]
+    rng = np.random.default_rng(0)
+    draws = [T.training_target(e, rng) for _ in range(2000)]
+    p = T._reco_p(e.prompt)
+    assert set(draws) <= {" Yes", " No"}
+    assert abs(np.mean([d == " Yes" for d in draws]) - p) < 4 * np.sqrt(p * (1 - p) / 2000)
+    s = examples("sort", 1)[0]
+    assert T.training_target(s, rng) == s.reference
