@@ -1,4 +1,5 @@
-"""Tests for lipapers.msam: SAM / mSAM optimizers, distributed mSAM (2 gloo ranks on CPU) and the flatness measures.
+"""Tests for lipapers.msam: SAM / mSAM optimizers (loop and vmap), distributed mSAM (2 gloo ranks on CPU), the flatness
+measures, and the experiment functions (arms, training with matched-loss checkpoints, result rows, tables).
 
 Tolerances: the optimizer tests run in float64; "exact" means torch.equal (the same floating-point operations in the
 same order), otherwise rtol=atol=1e-12 (float64 reassociation only). Power iteration is compared at rtol 1e-6 after
@@ -12,18 +13,38 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad
 
+from lipapers.core import Timing
 from lipapers.msam import (
+    LOSS_LEVELS,
     SAM,
     DistributedMicroBatchSAM,
     MicroBatchSAM,
+    VmapMicroBatchSAM,
+    arm_m,
+    arm_optimizer,
+    arm_rhos,
+    arm_table,
+    at_level,
     batch_order,
+    best_rho,
     closure_for,
+    cost_rows,
+    curve_rows,
+    evaluate,
+    final_rows,
     fit,
+    flatness,
+    flatness_rows,
     hessian_max_eig,
     hessian_trace,
     m_sharpness,
+    make_task,
+    matched_level,
     mlp,
+    parse_arms,
     spawn_msam,
+    step_costs,
+    train_arm,
     train_msam_single,
 )
 
@@ -288,3 +309,132 @@ def test_state_dict_round_trip_resumes_exactly():
     fit(other, opt3, X, Y, order[3:])
     for p, q in zip(model.parameters(), other.parameters()):
         assert torch.equal(p, q)
+
+
+# --- vectorized mSAM ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("m", [1, 4])
+def test_vmap_msam_matches_loop_and_reference(m):
+    model, X, Y = _problem()
+    other = _clone(model)
+    kw = dict(rho=0.2, lr=0.3, momentum=0.9)
+    _train(model, MicroBatchSAM(model.parameters(), torch.optim.SGD, micro_batches=m, **kw), X, Y)
+    vm = VmapMicroBatchSAM(other, torch.optim.SGD, micro_batches=m, **kw)
+    _train(other, vm, X, Y)
+    for p, q in zip(model.parameters(), other.parameters()):
+        torch.testing.assert_close(q, p, **F64)
+    # one step against the independent functional reference, and the loss returned is the loss at w
+    model, X, Y = _problem(seed=5)
+    ref = _reference_msam_sgd(model, X[:16], Y[:16], rho=0.2, m=m, lr=0.3)
+    before = F.cross_entropy(model(X[:16]), Y[:16]).detach()
+    loss = VmapMicroBatchSAM(model, torch.optim.SGD, rho=0.2, micro_batches=m, lr=0.3).step(None, X[:16], Y[:16])
+    torch.testing.assert_close(loss, before, **F64)
+    for p, r in zip(model.parameters(), ref):
+        torch.testing.assert_close(p.detach(), r, **F64)
+
+
+# --- experiment functions ----------------------------------------------------------------------------
+
+
+def test_arms_parse_check_and_build():
+    assert [arm_m(a) for a in ("sgd", "sam", "msam4", "msam16")] == [0, 1, 4, 16]
+    assert parse_arms("sgd, msam16 ,sam", 32) == ["sgd", "msam16", "sam"]
+    with pytest.raises(ValueError, match="arm must be one of"):
+        parse_arms("sgd,msam3", 128)
+    with pytest.raises(ValueError, match="must not repeat"):
+        parse_arms("sam,sam", 128)
+    with pytest.raises(ValueError, match="divisible by the m=16 of arm 'msam16'"):
+        parse_arms("msam16", 24)
+    with pytest.raises(ValueError, match="at least one"):
+        parse_arms(" , ", 128)
+    assert arm_rhos(["sgd", "sam", "msam16"], 0.05, dict(msam16=0.2)) == dict(sgd=0.0, sam=0.05, msam16=0.2)
+    with pytest.raises(ValueError, match="rho must be"):
+        arm_rhos(["sam"], -1.0, {})
+    model = _problem()[0]
+    assert type(arm_optimizer("sgd", model, 0.1, 0.0)) is torch.optim.SGD
+    assert type(arm_optimizer("sam", model, 0.1, 0.1)) is SAM
+    assert arm_optimizer("msam4", model, 0.1, 0.1).micro_batches == 4
+    assert type(arm_optimizer("msam4", model, 0.1, 0.1, vectorized=True)) is VmapMicroBatchSAM
+
+
+def test_make_task_validation_split_and_noise():
+    a = make_task("fashion_mnist", 3000, 50, label_noise=0.4, seed=1, n_val=300)
+    b = make_task("fashion_mnist", 3000, 50, label_noise=0.4, seed=1)
+    assert torch.equal(a["X"], b["X"]) and torch.equal(a["Y"], b["Y"])  # the validation split does not move training
+    assert a["Xv"].shape == (300, 784) and b["Xv"].shape == (0, 784)
+    flipped = (a["Y"] != a["Y_clean"]).float().mean().item()
+    assert abs(flipped - 0.36) < 0.03  # 40 % re-drawn, 1 in 10 re-drawn to the true class
+    train_rows = {r.numpy().tobytes() for r in a["X"]}
+    assert sum(r.numpy().tobytes() in train_rows for r in a["Xv"]) <= 1  # disjoint images (Fashion-MNIST has rare duplicates)
+    with pytest.raises(ValueError, match="dataset must be one of"):
+        make_task("cifar10")
+
+
+def _tiny_task(n=96, d=6, k=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X, Y = torch.randn(n, d, generator=g), torch.randint(0, k, (n,), generator=g)
+    return dict(X=X, Y=Y, Y_clean=Y, Xv=X[:20], Yv=Y[:20], Xt=X[20:40], Yt=Y[20:40], n_classes=k)
+
+
+def test_train_arm_curve_and_first_crossing_checkpoints():
+    task = _tiny_task()
+    run = train_arm(task, "msam4", rho=0.05, lr=0.2, epochs=12, batch_size=16, width=32, seed=0)
+    curve = run["curve"]
+    assert [r["epoch"] for r in curve] == list(range(1, 13)) and len(run["step_seconds"]) == 12 * 6
+    assert curve[-1]["train_loss"] < curve[0]["train_loss"]  # it trains
+    losses = [r["train_loss"] for r in curve]
+    assert set(run["ckpts"]) == {lv for lv in LOSS_LEVELS if min(losses) <= lv}
+    for lv, (epoch, _) in run["ckpts"].items():
+        assert losses[epoch - 1] <= lv and all(x > lv for x in losses[: epoch - 1])  # the first crossing
+        acc, loss = evaluate(at_level(run, lv), task["X"], task["Y"])
+        assert math.isclose(loss, losses[epoch - 1], rel_tol=1e-6)  # the weights of that epoch, not later ones
+    final_acc, final_loss = evaluate(run["model"], task["X"], task["Y"])
+    assert math.isclose(final_acc, curve[-1]["train_acc"]) and math.isclose(final_loss, losses[-1])
+    # same seed, same arm: the same run
+    again = train_arm(task, "msam4", rho=0.05, lr=0.2, epochs=12, batch_size=16, width=32, seed=0)
+    assert [r["train_loss"] for r in again["curve"]] == losses
+
+
+def test_rows_from_runs():
+    task = _tiny_task()
+    runs = {a: train_arm(task, a, rho=0.05, lr=0.2, epochs=6, batch_size=16, width=16, seed=1) for a in ("sgd", "sam")}
+    lv = matched_level(runs)
+    assert lv == min(set(runs["sgd"]["ckpts"]) & set(runs["sam"]["ckpts"]))
+    assert matched_level({"a": dict(ckpts={1.0: 0}), "b": dict(ckpts={0.8: 0})}) is None
+    fr = final_rows(runs, label_noise=0.4)
+    gain = [r for r in fr if r["metric"] == "sam_gain"]
+    test = {r["method"]: r["value"] for r in fr if r["metric"] == "test_acc"}
+    assert gain[0]["method"] == "noisy" and math.isclose(gain[0]["value"], test["sam"] - test["sgd"])
+    assert final_rows(runs, 0.0)[-1]["method"] == "clean"
+    assert len(curve_rows(runs["sgd"])) == 6 * 4
+    rows = flatness_rows(runs, task["X"][:32], task["Y"][:32], iters=5, probes=4, seed=0)
+    assert {r["metric"] for r in rows} == {f"{k}_{t}" for k in ("lambda_max", "hessian_trace", "hessian_trace_se")
+                                            for t in ("matched", "final")}
+    direct = flatness(at_level(runs["sam"], lv), task["X"][:32], task["Y"][:32], 5, 4, 0)["lambda_max"]
+    got = [r["value"] for r in rows if r["method"] == "sam" and r["metric"] == "lambda_max_matched"]
+    assert got == [direct] and all(r["train_loss_at"] == lv for r in rows if r["metric"].endswith("_matched"))
+
+
+def test_cost_rows_and_step_costs():
+    t = dict(sgd=Timing(0.01, 0.009, 0.011, 5, "cpu"), sam=Timing(0.02, 0.019, 0.021, 5, "cpu"),
+             msam4=Timing(0.05, 0.04, 0.06, 5, "cpu"))
+    rows = {(r["method"], r["metric"]): r["value"] for r in cost_rows(t)}
+    assert math.isclose(rows[("msam4", "step_time_vs_sgd")], 5.0) and math.isclose(rows[("msam4", "step_time_vs_sam")], 2.5)
+    assert rows[("sgd", "sec_per_step")] == 0.01
+    timings = step_costs(_tiny_task(), ["sgd", "sam", "msam4"], dict(sgd=0.0, sam=0.05, msam4=0.05), batch_size=16,
+                         width=8, repeats=2)
+    assert set(timings) == {"sgd", "sam", "msam4", "msam4_vmap"} and all(x.median > 0 for x in timings.values())
+
+
+def test_best_rho_and_arm_table():
+    import polars as pl
+
+    f = pl.DataFrame(dict(method=["sgd", "sam", "sam", "sam", "msam16", "msam16"], metric=["val_acc"] * 6,
+                          rho=[0.0, 0.05, 0.1, 0.1, 0.02, 0.2], value=[60.0, 70.0, 72.0, 69.0, 66.0, 66.0]))
+    assert best_rho(f) == dict(sam=0.1, msam16=0.02)  # sam: mean(72, 69) = 70.5 > 70; msam16: a tie, the smaller rho
+    with pytest.raises(ValueError, match="val_acc rows"):
+        best_rho(f.filter(pl.col("method") == "sgd"))
+    t = arm_table(f, ["val_acc"])
+    assert t["method"].to_list() == ["sgd", "sam", "msam16"] and t["n"].to_list() == [1, 3, 2]
+    assert t.filter(pl.col("method") == "sam")["val_acc"].item() == "70.33 ± 1.53"
