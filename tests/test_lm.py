@@ -547,3 +547,31 @@ def test_pretrained_names(small_corpus, tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="rebuilding"):
         rebuilt = L.pretrained("small-sft", progress=False)
     _same_model(rebuilt.model, sft.model)  # the same bits again
+
+
+def test_rtn_matches_quantease_reference_and_hurts_less_with_more_bits():
+    from lipapers.quantease import rtn_quantize  # independent implementation (QuantEase chapter)
+    torch.manual_seed(15)
+    for shape in [(7, 33), (1, 5), (16, 64)]:
+        W = torch.randn(shape) * torch.rand(shape[0], 1) * 3
+        for b in (2, 3, 4, 8):
+            torch.testing.assert_close(L.rtn_weight(W, b), rtn_quantize(W, b), rtol=0, atol=1e-6)
+    W = torch.randn(8, 32)
+    errs = [(L.rtn_weight(W, b) - W).pow(2).mean().item() for b in (2, 3, 4, 8)]
+    assert errs == sorted(errs, reverse=True) and errs[-1] < 1e-4
+    m = LM(CONFIGS["mha-tied"])
+    q = L.rtn_model(m, 3)
+    assert torch.equal(q.embed_tokens.weight, m.embed_tokens.weight) and q.lm_head.weight is q.embed_tokens.weight
+    assert not torch.equal(q.layers[0].mlp.up_proj.weight, m.layers[0].mlp.up_proj.weight)
+    assert len(q.layers[0].self_attn.q_proj.weight.unique(dim=None)) <= 32 * 8  # <= 2^3 levels per row
+    with pytest.raises(ValueError, match="bits must be an int"):
+        L.rtn_weight(W, 0)
+
+
+def test_speedup_helpers_report_equal_outputs():
+    torch.manual_seed(16)
+    m = LM(replace(CONFIGS["mha-tied"], max_seq_len=64, **SHARP))
+    r = L.kv_speedup(m, torch.randint(0, 101, (2, 5)), n_new=8, repeats=1)
+    assert r["same_tokens"] and r["ratio"] > 0 and r["n_new"] == 8
+    s = L.multi_item_speedup(m, list(range(10)), [[1, 2], [3], [4, 5, 6]], repeats=1)
+    assert s["max_abs_diff"] < 1e-4 and s["m"] == 3
