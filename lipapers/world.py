@@ -353,19 +353,19 @@ def _v2(self:World):
         self.walk = np.concatenate([np.zeros((n, 1, d)), np.cumsum(steps, 1)], 1).astype(np.float16)
     if c.task_corr < 1:
         r = g(3)
-        for k in FEED_TASKS + tuple("job_" + t for t in JOB_TASKS):
-            R = np.linalg.qr(r.standard_normal((d, d)))[0]
-            self.e_task[k] = (self.j_emb if k.startswith("job_") else self.e) @ R.T
-            self.q_task[k] = r.normal(0, 0.5, c.n_companies) if k.startswith("job_") else r.standard_normal(c.n_posts)
+        for pre, names, emb in (("", FEED_TASKS, self.e), ("job_", JOB_TASKS, self.j_emb)):
+            Rs = [np.linalg.qr(r.standard_normal((d, d)))[0] for _ in names]
+            self.e_task[pre] = np.stack([emb @ R.T for R in Rs], 1).astype(np.float32)  # (items, tasks, d)
+            for k in names: self.q_task[pre + k] = r.normal(0, 0.5, c.n_companies) if pre else r.standard_normal(c.n_posts)
     if c.heterogeneity > 0:
         r = g(4); self.het_feed, self.het_job = r.standard_normal((n, 4)), r.standard_normal((n, 4))
 World._v2 = _v2
 
 # %% ../nbs/02a_world.ipynb #2dc0e1da
-def _protos(self:World, m:np.ndarray, t_hours)->np.ndarray:
-    "Interest prototypes `(n, K, d)` of members `m` at hours `t_hours` (after drift)."
+def _protos(self:World, m:np.ndarray, t_hours, first:bool=False)->np.ndarray:
+    "Interest prototypes `(n, K, d)` of members `m` at hours `t_hours` (after drift); only prototype 0 if `first`."
     c = self.cfg
-    U = self.U[m] if self.U is not None else self.u[m][:, None]
+    U = self.U[m, :1 if first else None] if self.U is not None else self.u[m][:, None]
     if self.walk is None: return U
     T0, T1 = -c.post_age_days * 24, c.horizon_days * 24
     f = np.clip((np.broadcast_to(np.asarray(t_hours, float), len(m)) - T0) / max(T1 - T0, 1e-9), 0, 1) * DRIFT_KNOTS
@@ -374,11 +374,13 @@ def _protos(self:World, m:np.ndarray, t_hours)->np.ndarray:
     return _norm(U + c.drift * W[:, None])
 World._protos = _protos
 
-def affinity(self:World, member_ids, post_ids, t_hours=0.0)->np.ndarray:
+def affinity(self:World, member_ids, post_ids, t_hours=0.0,
+             protos=None, # precomputed `_protos(member_ids, t_hours)` (a speed-up for callers that have them)
+            )->np.ndarray:
     "True affinity $a_{mi}(t)$: soft maximum over the member's prototypes at hours `t_hours` of their cosine to $e_i$."
     c, m, p = self.cfg, np.asarray(member_ids), np.asarray(post_ids)
     if self.U is None and self.walk is None: return np.einsum("nd,nd->n", self.u[m], self.e[p])
-    cos = (self._protos(m, t_hours) * self.e[p][:, None]).sum(-1)
+    cos = np.einsum("nkd,nd->nk", self._protos(m, t_hours) if protos is None else protos, self.e[p])
     if cos.shape[1] == 1: return cos[:, 0]
     tau = c.interest_temp
     return tau * (np.logaddexp.reduce(cos / tau, axis=1) - math.log(cos.shape[1]))
@@ -411,13 +413,13 @@ def _slate_terms(rep_t, rep_a, pos)->np.ndarray:
             + S["fatigue"] * (pos - 1))
 
 # %% ../nbs/02a_world.ipynb #f83bb37c
-def _tasks(self:World, z, lat, m, items, t_hours, prefix="")->dict:
+def _tasks(self:World, z, lat, m, items, t_hours, prefix="", u0=None)->dict:
     "Task logits: z itself for every task when ρ = 1, else z - (1-ρ)·lat + √(1-ρ²)·(the task's own latent part)."
     c = self.cfg; r = c.task_corr; names = JOB_TASKS if prefix else FEED_TASKS
     if r == 1: return dict.fromkeys(names, z)
-    u, s = self.m_skill_emb[m] if prefix else self._protos(m, t_hours)[:, 0], math.sqrt(1 - r * r)
-    w = c.job_affinity if prefix else c.affinity
-    own = {k: w * np.einsum("nd,nd->n", u, self.e_task[prefix + k][items]) for k in names}
+    if u0 is None: u0 = self.m_skill_emb[m] if prefix else self._protos(m, t_hours, first=True)[:, 0]
+    s, w = math.sqrt(1 - r * r), c.job_affinity if prefix else c.affinity
+    own = dict(zip(names, w * np.einsum("nd,nkd->kn", u0, self.e_task[prefix][items])))
     out = {}
     for k in names:
         q = self.q_task[prefix + k][self.j_comp[items]] if prefix else c.quality * self.q_task[k][items]
@@ -471,12 +473,14 @@ def _feed_block(self:World, stream:int, block:int)->dict:
     tp = _pick(rng, *self.by_topic, _row_sample(rng, np.cumsum(self.theta, 1), m[top]))
     post[np.flatnonzero(top)[tp >= 0]] = tp[tp >= 0]
     _redraw_dups(rng, sess, post, src, c.n_posts)
-    aff = self.affinity(m, post, t_s[sess])
+    P = None if self.U is None and self.walk is None else self._protos(m_s, t_s)  # per session, not per row
+    aff = self.affinity(m, post, t_s[sess], protos=None if P is None else P[sess])
     score, noise = (np.zeros(n), 1.0) if uni else (2.5 * aff + self.q[post], c.log_noise)  # the logging policy
     o, pos = _order(rng, sess, score, noise)
     sess, m, post, src, aff, score = sess[o], m[o], post[o], src[o], aff[o], score[o]
     author, topic = self.p_author[post], self.p_topic[post]
-    out = self._feed_truth(rng, block, sess, m, post, src, aff, pos, author, topic, t_s[sess], stream)
+    u0 = None if P is None or c.task_corr == 1 else P[sess, 0]
+    out = self._feed_truth(rng, block, sess, m, post, src, aff, pos, author, topic, t_s[sess], stream, u0)
     return out | {"propensity": _pl_propensity(sess, pos, score, noise)}
 World._feed_block = _feed_block
 
@@ -489,7 +493,7 @@ def _pl_propensity(sess, pos, score, noise:float)->np.ndarray:
     return W[sess, pos - 1] / D[sess, pos - 1]
 
 # %% ../nbs/02a_world.ipynb #a63930e4
-def _feed_probs(self:World, m, post, t_hours, pos, rep_t, rep_a, aff)->dict:
+def _feed_probs(self:World, m, post, t_hours, pos, rep_t, rep_a, aff, u0=None)->dict:
     "In-context features, the click logit and every feed task's true probability (v1 terms, then each v2 term)."
     c = self.cfg; ty = self.p_type[post]
     conn, h, age = self._is_conn(m, self.p_author[post]), self.hist[m, self.p_topic[post]], t_hours - self.p_created[post]
@@ -500,7 +504,7 @@ def _feed_probs(self:World, m, post, t_hours, pos, rep_t, rep_a, aff)->dict:
         x = np.stack([conn, np.log1p(h), np.log1p(age / 24), np.asarray(TYPE_CROSS)[ty]], 1)
         z = z + c.heterogeneity * (self.het_feed[m] * x * np.asarray(HET_FEED)).sum(1)
     if c.slate_effects: z = z + c.slate_effects * _slate_terms(rep_t, rep_a, pos)
-    zt = self._tasks(z, c.affinity * aff + c.quality * self.q[post], m, post, t_hours)
+    zt = self._tasks(z, c.affinity * aff + c.quality * self.q[post], m, post, t_hours, u0=u0)
     ex = pos.astype(np.float64) ** -c.eta
     p = {"p_click": ex * _sigmoid(zt["click"]), "p_like": ex * _sigmoid(zt["like"] + c.like_offset),
          "p_comment": ex * _sigmoid(zt["comment"] + c.comment_offset), "p_dismiss": ex * _sigmoid(-zt["dismiss"] + c.dismiss_offset)}
@@ -511,10 +515,10 @@ def _feed_probs(self:World, m, post, t_hours, pos, rep_t, rep_a, aff)->dict:
 World._feed_probs = _feed_probs
 
 # %% ../nbs/02a_world.ipynb #57fb65e3
-def _feed_truth(self:World, rng, block, sess, m, post, src, aff, pos, author, topic, t_hours, stream=0)->dict:
+def _feed_truth(self:World, rng, block, sess, m, post, src, aff, pos, author, topic, t_hours, stream=0, u0=None)->dict:
     "Context features, the true probabilities and drawn outcomes of ordered feed impressions."
     rep_t, rep_a = _cumcount(sess, topic), _cumcount(sess, author)
-    p = self._feed_probs(m, post, t_hours, pos, rep_t, rep_a, aff)
+    p = self._feed_probs(m, post, t_hours, pos, rep_t, rep_a, aff, u0)
     u = rng.random((5, len(post)))
     share = np.random.default_rng([self.cfg.seed, 1, stream, block, 1]).random(len(post)) < p["p_share"]  # v2 draw
     click = u[0] < p["p_click"]
