@@ -438,6 +438,15 @@ def _differences(claim:Claim, df, keys:list, what:str)->np.ndarray:
         d = 100 * (v - base) / np.abs(base) if claim.relative else v - base
     return -d if claim.direction == "lower" else d
 
+# %% ../nbs/00_core.ipynb #8153ae88
+def _present(claim:Claim, frame)->bool:
+    "Whether any row of the claim's metric and method passes its filters (a missing filter column means no)."
+    import polars as pl
+    if not {"metric", "method"} <= set(frame.columns) or not set(claim.where) <= set(frame.columns): return False
+    d = frame.filter((pl.col("metric") == claim.metric) & (pl.col("method") == claim.method))
+    for col, v in claim.where.items(): d = d.filter(pl.col(col).is_in(v if isinstance(v, (list, tuple)) else [v]))
+    return not d.is_empty()
+
 # %% ../nbs/00_core.ipynb #cfdf9f55
 def verdict(claim:Claim, # the claim to check
             frame, # long-format results (polars): method, metric, value and the pairing/filter columns
@@ -445,9 +454,7 @@ def verdict(claim:Claim, # the claim to check
            )->Verdict:
     "Check `claim` against `frame`: paired-by-seed differences, a t-interval, the MDE, one rule for all chapters."
     import polars as pl
-    rows = lambda a: frame.filter((pl.col("metric") == claim.metric) & (pl.col("method") == a))
-    has = lambda a: "metric" in frame.columns and not rows(a).is_empty()
-    if claim.needs and not has(claim.method): return Verdict(claim, "not run", None, note=f"needs {claim.needs}")
+    if claim.needs and not _present(claim, frame): return Verdict(claim, "not run", None, note=f"needs {claim.needs}")
     df, keys, what = _claim_rows(claim, frame, chapter)
     s = paired_stats(_differences(claim, df, keys, what), method=claim.ci)
     used = df.filter(pl.col("method").is_in([claim.method, claim.baseline]))
@@ -524,6 +531,7 @@ def load_claims(chapter:str, # module name, e.g. "lirank"
     raw = yaml.safe_load(fs[0].read_text()) or {}
     if not isinstance(raw.get("claims"), list): raise ValueError(f"{fs[0]}: expected a top-level `claims:` list")
     known = {f.name for f in fields(Claim)}
+    raw["claims"] = [{("null" if k is None else k): v for k, v in c.items()} for c in raw["claims"]]  # YAML reads `null:` as None
     for i, c in enumerate(raw["claims"]):
         if set(c) - known:
             raise ValueError(f"{chapter} claim #{i} ({c.get('id')}): unknown fields {sorted(set(c) - known)}; "
@@ -581,7 +589,7 @@ def chapter_overview()->"pl.DataFrame":
         row = dict(chapter=ch, page=page, title=_title(nb) if nb else ch, paper=meta.get("paper", ""),
                    url=meta.get("url", ""), reproduces=meta.get("reproduces", ""))
         try: counts = status_table(load_claims(ch), committed_results(ch), ch)["verdict"].value_counts()
-        except FileNotFoundError as e: counts, row["note"] = None, str(e)
+        except (FileNotFoundError, ValueError) as e: counts, row["note"] = None, f"claims not checkable: {e}"
         for v in VERDICTS: row[v] = 0 if counts is None else int(counts.filter(pl.col("verdict") == v)["count"].sum())
         rows.append(row)
     return pl.DataFrame(rows, infer_schema_length=None)

@@ -157,3 +157,5 @@ def test_load_claims_validates(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="preset 'paper' has no claims"): core.load_claims("ch")
     f.write_text("claims:\n  - {id: C1, statement: s, cited: c, metric: m, method: a, where: {preset: [tiny, paper]}}\n")
     assert [c.id for c in core.load_claims("ch")] == ["C1"]
+    f.write_text("claims:\n  - {id: C1, statement: s, cited: c, metric: m, method: a, null: 0.2, where: {preset: paper}}\n")
+    assert core.load_claims("ch")[0].null == 0.2  # YAML reads the key `null` as None
