@@ -13,16 +13,17 @@ import polars as pl
 from . import baselines  # the shared ranking baselines, also reachable as lipapers.world.baselines
 
 # %% auto #0
-__all__ = ['SENIORITY', 'INDUSTRIES', 'ROLES', 'CITIES', 'POST_TYPES', 'SOURCES', 'START_EPOCH', 'KNOBS', 'CROSS_TERMS',
-           'TYPE_CROSS', 'SLATE_TERMS', 'HET_FEED', 'HET_JOB', 'FEED_TASKS', 'JOB_TASKS', 'DRIFT_KNOTS',
-           'ACTIVITY_BUCKETS', 'BLOCK_SESSIONS', 'FEED_SCHEMA', 'JOB_SCHEMA', 'HISTORY_KINDS', 'HISTORY_ACTIONS',
-           'HISTORY_SCHEMA', 'HISTORY_BLOCK', 'HISTORY_CANDIDATES', 'JOB_EVENT_SHARE', 'SKILL_WORDS', 'SKILL_LEVELS',
-           'FIRST_NAMES', 'LAST_NAMES', 'TOPIC_NAMES', 'COMPANY_WORDS', 'COMPANY_KINDS', 'FEED_FEATURES',
-           'JOB_FEATURES', 'FEED_EXTRA', 'JOB_EXTRA', 'WorldConfig', 'World', 'affinity', 'job_logit', 'post_logit',
+__all__ = ['SENIORITY', 'INDUSTRIES', 'ROLES', 'CITIES', 'POST_TYPES', 'SOURCES', 'START_EPOCH', 'SKILL_WORDS', 'SKILL_LEVELS',
+           'KNOBS', 'CROSS_TERMS', 'TYPE_CROSS', 'SLATE_TERMS', 'HET_FEED', 'HET_JOB', 'FEED_TASKS', 'JOB_TASKS',
+           'DRIFT_KNOTS', 'ACTIVITY_BUCKETS', 'BLOCK_SESSIONS', 'FEED_SCHEMA', 'JOB_SCHEMA', 'HISTORY_KINDS',
+           'HISTORY_ACTIONS', 'HISTORY_SCHEMA', 'HISTORY_BLOCK', 'HISTORY_CANDIDATES', 'JOB_EVENT_SHARE', 'FIRST_NAMES',
+           'LAST_NAMES', 'TOPIC_NAMES', 'COMPANY_WORDS', 'COMPANY_KINDS', 'FEED_FEATURES', 'JOB_FEATURES', 'FEED_EXTRA',
+           'JOB_EXTRA', 'KNOB_ON', 'skill_name', 'WorldConfig', 'World', 'affinity', 'job_logit', 'post_logit',
            'iter_impressions', 'feed_impressions', 'job_impressions', 'write_parquet', 'hires', 'histories',
-           'history_before', 'slate_value', 'sample_slate', 'logging_propensities', 'skill_name', 'applications',
-           'activity_bucket', 'member_name', 'company_name', 'topic_name', 'describe_member', 'describe_post',
-           'describe_job', 'history_text', 'feed_features', 'job_features', 'popularity_scores', 'measure_write']
+           'history_before', 'slate_value', 'sample_slate', 'logging_propensities', 'applications', 'activity_bucket',
+           'member_name', 'company_name', 'topic_name', 'describe_member', 'describe_post', 'describe_job',
+           'history_text', 'feed_features', 'job_features', 'popularity_scores', 'measure_write', 'ranking_rows',
+           'interest_hit_rate', 'slate_spread', 'task_rank_corr', 'knob_effect', 'knob_controls', 'knob_throughput']
 
 # %% ../nbs/02a_world.ipynb #35ff8897
 SENIORITY = ["Intern", "Entry", "Associate", "Senior", "Manager", "Director", "Executive"]
@@ -35,6 +36,17 @@ CITIES = ["New York", "San Francisco", "London", "Bangalore", "Toronto", "Berlin
 POST_TYPES = ["text", "image", "video", "article"]
 SOURCES = ["network", "topic", "random"]
 START_EPOCH = 1_767_225_600  # 2026-01-01 00:00 UTC: time 0 of the simulation
+
+SKILL_WORDS = ["Python", "SQL", "Negotiation", "Forecasting", "Welding", "Pharmacology", "Curriculum", "Logistics",
+               "Accounting", "Design", "Statistics", "Sales", "Networking", "Compliance", "Editing", "Surveying",
+               "Robotics", "Nutrition", "Auditing", "Recruiting"]
+SKILL_LEVELS = ["Applied", "Advanced", "Clinical", "Digital", "Strategic", "Operational", "Technical", "Creative",
+                "Quantitative", "Field"]
+
+def skill_name(i:int)->str:
+    "Deterministic English name of skill `i` (fixed word lists)."
+    return f"{SKILL_LEVELS[(i // len(SKILL_WORDS)) % len(SKILL_LEVELS)]} {SKILL_WORDS[i % len(SKILL_WORDS)]}" + (
+        f" {i // (len(SKILL_WORDS) * len(SKILL_LEVELS)) + 1}" if i >= len(SKILL_WORDS) * len(SKILL_LEVELS) else "")
 
 # %% ../nbs/02a_world.ipynb #621e08c7
 @dataclass(frozen=True)
@@ -858,17 +870,6 @@ def logging_propensities(self:World, member_id:int, items, # the candidates the 
 World.logging_propensities = logging_propensities
 
 # %% ../nbs/02a_world.ipynb #77db8c68
-SKILL_WORDS = ["Python", "SQL", "Negotiation", "Forecasting", "Welding", "Pharmacology", "Curriculum", "Logistics",
-               "Accounting", "Design", "Statistics", "Sales", "Networking", "Compliance", "Editing", "Surveying",
-               "Robotics", "Nutrition", "Auditing", "Recruiting"]
-SKILL_LEVELS = ["Applied", "Advanced", "Clinical", "Digital", "Strategic", "Operational", "Technical", "Creative",
-                "Quantitative", "Field"]
-
-def skill_name(i:int)->str:
-    "Deterministic English name of skill `i` (fixed word lists)."
-    return f"{SKILL_LEVELS[(i // len(SKILL_WORDS)) % len(SKILL_LEVELS)]} {SKILL_WORDS[i % len(SKILL_WORDS)]}" + (
-        f" {i // (len(SKILL_WORDS) * len(SKILL_LEVELS)) + 1}" if i >= len(SKILL_WORDS) * len(SKILL_LEVELS) else "")
-
 def applications(self:World, n_impressions:int, # job impressions to simulate
                  stream:int=0)->pl.DataFrame:
     "Every application `(member_id, job_id, company_id, timestamp, p_hire, hired)` among `n_impressions` job impressions."
@@ -1030,3 +1031,92 @@ def measure_write(ns:list[int], # totals of impressions to stream, each measured
     if r.returncode != 0 or "RESULT" not in r.stdout: raise RuntimeError(f"measurement failed: {r.stderr[-2000:]}")
     df = pl.DataFrame(json.loads(r.stdout.split("RESULT", 1)[1]))
     return df.with_columns(impressions_per_s=pl.col("n") / pl.col("seconds"))
+
+# %% ../nbs/02a_world.ipynb #ca6b1c43
+KNOB_ON = dict(cross_strength=1.0, n_interests=3, drift=1.0, task_corr=0.0, heterogeneity=1.0, activity_skew=1.0,
+               slate_effects=1.0, exposure="uniform")
+
+def ranking_rows(w:World, imps:pl.DataFrame, seed:int=0, label:str="click")->pl.DataFrame:
+    "Logistic regression, GBDT and the oracle on a 75/25 time split of feed impressions (extended features)."
+    from lipapers.data import time_split
+    tr, te = time_split(imps, test_frac=0.25)
+    (Xtr, _), (Xte, _) = w.feed_features(tr, extended=True), w.feed_features(te, extended=True)
+    return baselines.ranking_baselines(Xtr, tr[label].to_numpy(), Xte, te[label].to_numpy(), seed=seed,
+                                       oracle=te["p_" + label].to_numpy(), methods=("logistic_regression", "gbdt", "oracle"))
+
+# %% ../nbs/02a_world.ipynb #1fed895f
+def interest_hit_rate(w:World, n_members:int=100, k:int=20, seed:int=0)->dict:
+    "Hit rate@k against each member's top-k posts by true affinity: best single vector (least squares) and best prototype."
+    ms = np.random.default_rng(seed).choice(w.cfg.n_members, n_members, replace=False); P = w.cfg.n_posts
+    sv, bp = [], []
+    for m in ms:
+        a = w.affinity(np.full(P, m), np.arange(P)); top = set(np.argsort(-a)[:k])
+        v = np.linalg.lstsq(w.e, a, rcond=None)[0]
+        best = (w.e @ (w.U[m] if w.U is not None else w.u[m][None]).T).max(1)
+        sv.append(len(top & set(np.argsort(-(w.e @ v))[:k])) / k); bp.append(len(top & set(np.argsort(-best)[:k])) / k)
+    return dict(single_vector=float(np.mean(sv)), best_prototype=float(np.mean(bp)))
+
+def slate_spread(w:World, n_members:int=20, n_items:int=10, n_orders:int=1000, seed:int=0)->float:
+    "Mean over members of (best − worst)/worst `slate_value` among `n_orders` random orders of the same `n_items` posts."
+    rng = np.random.default_rng(seed); out = []
+    for m in rng.choice(w.cfg.n_members, n_members, replace=False):
+        items = rng.choice(w.cfg.n_posts, n_items, replace=False)
+        v = w.slate_value(int(m), np.stack([rng.permutation(items) for _ in range(n_orders)]), START_EPOCH + 86400)
+        out.append((v.max() - v.min()) / v.min())
+    return float(np.mean(out))
+
+# %% ../nbs/02a_world.ipynb #38ae10c5
+def task_rank_corr(imps:pl.DataFrame)->dict:
+    "Spearman correlation of each task's oracle (probability / examination) with the click oracle."
+    r = lambda c: (imps[c] / imps["p_exam"]).rank().to_numpy()
+    return {t: float(np.corrcoef(r("p_click"), r(f"p_{t}"))[0, 1]) for t in ("like", "comment", "share", "long_dwell")}
+
+def knob_effect(w:World, knob:str, imps:pl.DataFrame, auc:dict, seed:int=0)->tuple[str, float]:
+    "The knob-specific measurement (name, value) of the table above."
+    if knob == "n_interests": h = interest_hit_rate(w, seed=seed); return "hit_rate_loss", h["best_prototype"] - h["single_vector"]
+    if knob == "drift":
+        m, p = np.random.default_rng(seed).integers(0, [w.cfg.n_members, w.cfg.n_posts], (5000, 2)).T
+        a0, a1 = w.affinity(m, p, -w.cfg.post_age_days * 24), w.affinity(m, p, w.cfg.horizon_days * 24)
+        return "interest_change", 1 - float(np.corrcoef(a0, a1)[0, 1])
+    if knob == "task_corr": return "task_rank_corr", float(np.mean(list(task_rank_corr(imps).values())))
+    if knob == "heterogeneity": return "oracle_gap", auc["oracle"] - auc["logistic_regression"]
+    if knob == "activity_skew":
+        n = imps.group_by("member_id").len()["len"].sort(descending=True)
+        return "top1_share", float(n.head(max(1, w.cfg.n_members // 100)).sum() / imps.height)
+    if knob == "slate_effects": return "slate_spread", slate_spread(w, seed=seed)
+    if knob == "exposure": return "shown_affinity", float(imps["true_affinity"].mean())
+    if knob == "cross_strength": return "gbdt_minus_lr", auc["gbdt"] - auc["logistic_regression"]
+    raise ValueError(f"knob must be one of {sorted(KNOB_ON)}, got {knob!r}")
+
+# %% ../nbs/02a_world.ipynb #0593eb4e
+def knob_controls(knob:str, seeds, # knob name (a KNOB_ON key) and the paired seeds
+                  n_impressions:int=40_000, on=None, # impressions per world; the on value (default KNOB_ON[knob])
+                  **size)->pl.DataFrame:
+    "Long rows `knob, setting, seed, method, metric, value` for the knob off and on, same seeds."
+    if knob not in KNOB_ON: raise ValueError(f"knob must be one of {sorted(KNOB_ON)}, got {knob!r}")
+    rows = []
+    for seed in seeds:
+        for setting, v in (("off", KNOBS[knob][0]), ("on", KNOB_ON[knob] if on is None else on)):
+            w = World.generate(seed=int(seed), **size, **{knob: v}); imps = w.feed_impressions(n_impressions)
+            r = ranking_rows(w, imps, int(seed)); auc = dict(zip(r["method"], r["auc"]))
+            base = dict(knob=knob, setting=setting, knob_value=str(v), seed=int(seed))
+            rows += [base | dict(method=m, metric=k, value=float(x)) for m, a in zip(r["method"], r.iter_rows(named=True))
+                     for k, x in a.items() if k in ("auc", "log_loss", "ece")]
+            name, val = knob_effect(w, knob, imps, auc, int(seed))
+            rows.append(base | dict(method=setting, metric=name, value=float(val)))
+    return pl.DataFrame(rows)
+
+# %% ../nbs/02a_world.ipynb #34869338
+def knob_throughput(n:int, # feed impressions streamed per measurement
+                    repeats:int=2, chunk_size:int=200_000, **world)->pl.DataFrame:
+    "Per repeat and setting (off / all on): seconds, peak MiB, and the on/off time ratio of streaming `n` impressions."
+    on = KNOB_ON | dict(exposure="sourced")
+    rows = []
+    for r in range(_check_n("repeats", repeats)):
+        for setting, kw in (("off", {}), ("on", on)):
+            m = measure_write([n], chunk_size, **world, **kw).row(0, named=True)
+            rows.append(dict(repeat=r, setting=setting, n=n, seconds=m["seconds"], peak_mib=m["peak_mib"],
+                             world_seconds=m["world_seconds"], world_peak_mib=m["world_peak_mib"]))
+    df = pl.DataFrame(rows)
+    ratio = df.pivot("setting", index="repeat", values="seconds").with_columns(ratio=pl.col("on") / pl.col("off"))
+    return df.join(ratio.select("repeat", "ratio"), on="repeat")
