@@ -4,18 +4,20 @@
 
 # %% ../nbs/01_repro.ipynb #37ad3bbf
 from __future__ import annotations
-import argparse, ast, hashlib, json, os, re, shutil, signal, subprocess, sys, tempfile, time, traceback
+import argparse, ast, hashlib, json, os, re, shutil, signal, subprocess, sys, tempfile, time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
-import yaml
-from .core import RUN_DIR_ENV, project_root, env_record, atomic_write_bytes
+from . import __version__
+# torch, polars, papermill and lipapers.core are imported inside the functions that need them: `lipapers --help`
+# and every bad-input error answer in a fraction of a second.
 
 # %% auto #0
-__all__ = ['UsageError', 'Param', 'Preset', 'Chapter', 'parse_params_cell', 'parse_value', 'nbs_dir', 'runs_dir', 'read_chapter',
-           'read_preset', 'chapters', 'get_chapter', 'resolve', 'run_id', 'parse_grid', 'RunResult', 'is_complete',
-           'execute', 'run', 'sweep', 'results', 'main', 'repro', 'lab']
+__all__ = ['UsageError', 'Param', 'Preset', 'Chapter', 'parse_check', 'parse_params_cell', 'parse_value', 'check_value',
+           'nbs_dir', 'runs_dir', 'read_chapter', 'read_preset', 'chapters', 'get_chapter', 'resolve', 'overrides_of',
+           'run_id', 'parse_grid', 'RunResult', 'is_complete', 'code_version', 'default_timeout', 'execute', 'run',
+           'sweep', 'results', 'list_runs', 'clean', 'main', 'repro', 'lab']
 
 # %% ../nbs/01_repro.ipynb #c3f11caf
 class UsageError(ValueError):
@@ -23,13 +25,13 @@ class UsageError(ValueError):
 
 @dataclass
 class Param:
-    "One parameter of a chapter, read from its `parameters` cell."
-    name:str; type:str; default:object; doc:str=""
+    "One parameter of a chapter, read from its `parameters` cell; `check` is its declared choices or range."
+    name:str; type:str; default:object; doc:str=""; check:str=""
 
 @dataclass
 class Preset:
     "A named set of parameter overrides, with the paper table/figure it targets."
-    name:str; target:str; description:str; params:dict; path:Path|None=None
+    name:str; target:str; description:str; params:dict; path:Path|None=None; timeout:float|None=None
 
 @dataclass
 class Chapter:
@@ -43,22 +45,43 @@ def _ann(node)->str:
     s = ast.unparse(node)
     base = re.sub(r"\[.*\]", "", s.replace("Optional", "")).replace(" ", "")
     parts = [p for p in base.split("|") if p and p != "None"]
-    if len(parts) != 1 or parts[0] not in _TYPES: raise ValueError(f"unsupported annotation {s!r}; use one of {', '.join(_TYPES)} (optionally `| None`)")
+    if len(parts) != 1 or parts[0] not in _TYPES:
+        raise ValueError(f"unsupported annotation {s!r}; use one of {', '.join(_TYPES)} (optionally `| None`)")
     return parts[0] + ("|None" if "None" in s else "")
 
+def _comment(lines:list, st)->str:
+    "The trailing comment of statement `st`, after the comment lines directly above it."
+    above, i = [], st.lineno - 2
+    while i >= 0 and lines[i].strip().startswith("#"): above.insert(0, lines[i].strip()[1:].strip()); i -= 1
+    m = re.search(r"#\s*(.*)$", lines[st.end_lineno - 1])
+    return "; ".join(above + ([m.group(1).strip()] if m else []))
+
+# %% ../nbs/01_repro.ipynb #a1c0c001
+_CMP = r"(≥|>=|>|≤|<=|<)\s*([-+]?[\d_.]+(?:e[-+]?\d+)?)"
+
+def parse_check(doc:str)->str:
+    "The declared choices (`one of: a, b`) or range (`≥ 1`, `> 0 and ≤ 1`) at the start of a doc, else ''."
+    head = doc.split(";")[0].strip()
+    if re.fullmatch(r"one of:\s*\S.*", head): return head
+    if re.fullmatch(rf"{_CMP}(\s+and\s+{_CMP})?", head): return head
+    return ""
+
+# %% ../nbs/01_repro.ipynb #a1c0c002
 def parse_params_cell(src:str, where:str="parameters cell")->dict:
     "Parse a literals-only parameters cell into `{name: Param}`."
     lines, out = src.splitlines(), {}
     for st in ast.parse(src).body:
-        tgt, val = (st.target, st.value) if isinstance(st, ast.AnnAssign) else (st.targets[0] if isinstance(st, ast.Assign) and len(st.targets) == 1 else None, getattr(st, "value", None))
+        one = isinstance(st, ast.Assign) and len(st.targets) == 1
+        tgt, val = (st.target, st.value) if isinstance(st, ast.AnnAssign) else (st.targets[0] if one else None, getattr(st, "value", None))
         line = lines[st.lineno - 1].strip()
-        if not isinstance(tgt, ast.Name) or val is None: raise ValueError(f"{where}: only `name: type = literal` lines are allowed, got {line!r}")
+        if not isinstance(tgt, ast.Name) or val is None:
+            raise ValueError(f"{where}: only `name: type = literal` lines are allowed, got {line!r}")
         try: default = ast.literal_eval(val)
         except ValueError: raise ValueError(f"{where}: {tgt.id} is not a literal ({line!r}); compute derived values in the next cell") from None
         typ = _ann(st.annotation) if isinstance(st, ast.AnnAssign) else type(default).__name__
         if typ.split("|")[0] not in _TYPES: raise ValueError(f"{where}: {tgt.id} has unsupported type {typ}")
-        m = re.search(r"#\s*(.*)$", lines[st.end_lineno - 1])
-        out[tgt.id] = Param(tgt.id, typ, default, m.group(1).strip() if m else "")
+        doc = _comment(lines, st)
+        out[tgt.id] = Param(tgt.id, typ, default, doc, parse_check(doc))
     return out
 
 # %% ../nbs/01_repro.ipynb #cd28db19
@@ -87,16 +110,47 @@ def parse_value(p:Param, s)->object:
         return s
     except (ValueError, KeyError, SyntaxError): raise bad() from None
 
+# %% ../nbs/01_repro.ipynb #a1c0c003
+_OPS = {"≥": lambda a, b: a >= b, ">=": lambda a, b: a >= b, ">": lambda a, b: a > b,
+        "≤": lambda a, b: a <= b, "<=": lambda a, b: a <= b, "<": lambda a, b: a < b}
+
+def _check_one(p:Param, v, what:str):
+    if p.check.startswith("one of:"):
+        choices = [c.strip() for c in p.check[len("one of:"):].split(",")]
+        num = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if str(v) not in choices and not (num and any(_num(c) == v for c in choices)):
+            raise UsageError(f"{what} must be one of: {', '.join(choices)}; got {v!r}")
+        return
+    for op, x in re.findall(_CMP, p.check):
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not _OPS[op](v, float(x)):
+            raise UsageError(f"{what} must be {p.check}, got {v!r}")
+
+def _num(s:str):
+    try: return float(s)
+    except ValueError: return None
+
+def check_value(p:Param, v)->object:
+    "Check `v` against `p`'s declared choices or range (each element of a list); return it or raise `UsageError`."
+    if not p.check or v is None: return v
+    for x in (v if isinstance(v, list) else [v]):
+        _check_one(p, x, f"parameter {p.name!r}" + (" (each element)" if isinstance(v, list) else ""))
+    return v
+
 # %% ../nbs/01_repro.ipynb #f92c8131
 def nbs_dir()->Path:
     "Where chapters are found: `$LIPAPERS_NBS`, else the project's `nbs/`."
+    from lipapers.core import project_root
     return Path(os.environ.get("LIPAPERS_NBS") or project_root()/"nbs")
 
 def runs_dir(d=None)->Path:
-    "Where runs are written: `d`, else `$LIPAPERS_RUNS`, else the project's `runs/`."
-    if d: return Path(d)
-    if os.environ.get("LIPAPERS_RUNS"): return Path(os.environ["LIPAPERS_RUNS"])
-    return project_root()/"runs"
+    "Where runs are written: `d`, else `$LIPAPERS_RUNS`, else the project's `runs/`; a file there is a `UsageError`."
+    if d: p = Path(d)
+    elif os.environ.get("LIPAPERS_RUNS"): p = Path(os.environ["LIPAPERS_RUNS"])
+    else:
+        from lipapers.core import project_root
+        p = project_root()/"runs"
+    if p.exists() and not p.is_dir(): raise UsageError(f"runs folder {str(p)!r} is a file, not a folder; pass --runs-dir DIR")
+    return p
 
 def _read_nb(path:Path):
     nb = json.loads(Path(path).read_text())
@@ -107,31 +161,46 @@ def _read_nb(path:Path):
 def read_chapter(path:Path)->Chapter|None:
     "The `Chapter` defined by notebook `path`, or None if it is not a chapter."
     nb, src = _read_nb(path)
-    mod = next((m.group(1) for c in nb["cells"] if c["cell_type"] == "code" for m in [re.search(r"^#\|\s*default_exp\s+(\S+)", src(c), re.M)] if m), None)
+    code = [src(c) for c in nb["cells"] if c["cell_type"] == "code"]
+    mod = next((m.group(1) for s in code for m in [re.search(r"^#\|\s*default_exp\s+(\S+)", s, re.M)] if m), None)
     pcells = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
     if mod is None or not pcells: return None
     if len(pcells) > 1: raise ValueError(f"{path}: {len(pcells)} cells are tagged `parameters`; a chapter has exactly one")
-    title = next((l[2:].strip() for c in nb["cells"] if c["cell_type"] == "markdown" for l in src(c).splitlines() if l.startswith("# ")), mod)
-    ch = Chapter(mod, Path(path), title, parse_params_cell(src(pcells[0]), f"{path.name} parameters cell"))
+    md = (l for c in nb["cells"] if c["cell_type"] == "markdown" for l in src(c).splitlines())
+    title = next((l[2:].strip() for l in md if l.startswith("# ")), mod)
+    ch = Chapter(mod, Path(path), title, parse_params_cell(src(pcells[0]), f"{Path(path).name} parameters cell"))
+    for p in ch.params.values():
+        try: check_value(p, p.default)
+        except UsageError as e: raise ValueError(f"{Path(path).name}: the default of {e}") from None
     ch.presets = {"tiny": Preset("tiny", "the notebook's defaults: fast CPU setting", "defaults of the parameters cell", {})}
     for f in sorted((Path(path).parent/"presets"/mod).glob("*.yaml")): ch.presets[f.stem] = read_preset(f, ch)
     return ch
 
 def read_preset(f:Path, ch:Chapter)->Preset:
     "Read and validate a preset YAML file against chapter `ch`."
+    import yaml
     d = yaml.safe_load(Path(f).read_text()) or {}
     if not isinstance(d, dict) or not d.get("target"): raise ValueError(f"preset {f}: needs a `target:` naming the paper table/figure")
     params = d.get("params") or {}
     unknown = sorted(set(params) - set(ch.params))
     if unknown: raise ValueError(f"preset {f}: unknown parameter(s) {', '.join(unknown)}; valid: {', '.join(ch.params)}")
-    return Preset(f.stem, str(d["target"]), str(d.get("description", "")), {k: parse_value(ch.params[k], v) for k, v in params.items()}, Path(f))
+    try: vals = {k: check_value(ch.params[k], parse_value(ch.params[k], v)) for k, v in params.items()}
+    except UsageError as e: raise ValueError(f"preset {f}: {e}") from None
+    t = d.get("timeout")
+    if t is not None and (not isinstance(t, (int, float)) or t <= 0): raise ValueError(f"preset {f}: timeout must be seconds > 0, got {t!r}")
+    return Preset(f.stem, str(d["target"]), str(d.get("description", "")), vals, Path(f), t)
 
 # %% ../nbs/01_repro.ipynb #8be38730
+def _order(p:Path):
+    "Chapter-number order: `02a_world` after `02_data`, `10_liger` after `04_docs` (not alphabetical by folder)."
+    m = re.match(r"(\d+)([a-z]?)_", p.name)
+    return (int(m.group(1)), m.group(2), p.name) if m else (10**9, "", p.name)
+
 def chapters(nbs:Path|None=None)->dict:
-    "All chapters under `nbs` (default `nbs_dir()`), by name."
-    out = {}
-    for p in sorted(Path(nbs or nbs_dir()).rglob("*.ipynb")):
-        if any(part.startswith((".", "_")) for part in p.relative_to(nbs or nbs_dir()).parts): continue
+    "All chapters under `nbs` (default `nbs_dir()`), by name, in chapter-number order."
+    out, root = {}, Path(nbs or nbs_dir())
+    for p in sorted(root.rglob("*.ipynb"), key=_order):
+        if any(part.startswith((".", "_")) for part in p.relative_to(root).parts): continue
         ch = read_chapter(p)
         if ch is None: continue
         if ch.name in out: raise ValueError(f"two chapters named {ch.name!r}: {out[ch.name].path} and {p}")
@@ -154,13 +223,18 @@ def _check_name(ch:Chapter, k:str):
     if k not in ch.params: raise UsageError(f"unknown parameter {k!r} for chapter {ch.name!r}; valid: {', '.join(ch.params)}")
 
 def resolve(ch:Chapter, preset:str="tiny", overrides=())->dict:
-    "Defaults < preset < `key=value` overrides, each parsed to its declared type."
+    "Defaults < preset < `key=value` overrides, each parsed to its declared type and checked against its declared range."
     if preset not in ch.presets: raise UsageError(f"unknown preset {preset!r} for chapter {ch.name!r}; valid: {', '.join(ch.presets)}")
     params = {k: p.default for k, p in ch.params.items()} | ch.presets[preset].params
     for o in overrides:
         k, v = _split_kv(o, "-p"); _check_name(ch, k)
-        params[k] = parse_value(ch.params[k], v)
+        params[k] = check_value(ch.params[k], parse_value(ch.params[k], v))
     return params
+
+def overrides_of(ch:Chapter, preset:str, params:dict)->dict:
+    "The parameters of a run that differ from its preset's: `{}` for the preset's own (default) run."
+    base = resolve(ch, preset)
+    return {k: v for k, v in params.items() if base.get(k) != v}
 
 def run_id(ch:Chapter, params:dict)->str:
     "Deterministic id of (chapter, parameters)."
@@ -174,7 +248,7 @@ def parse_grid(ch:Chapter, grid)->list:
         k, vs = _split_kv(g, "-g"); _check_name(ch, k)
         vals = [v.strip() for v in _split_top(vs)]
         if not all(vals): raise UsageError(f"malformed -g {g!r}: empty value; expected key=v1,v2,...")
-        for v in vals: parse_value(ch.params[k], v)
+        for v in vals: check_value(ch.params[k], parse_value(ch.params[k], v))
         axes.append([f"{k}={v}" for v in vals])
     return [list(c) for c in product(*axes)]
 
@@ -196,17 +270,127 @@ class RunResult:
     "Outcome of one run."
     chapter:str; preset:str; run_id:str; path:Path; status:str; params:dict; error:str=""; seconds:float=0.0
 
-def _exec_child(nb:Path, out:Path, params:dict, cwd:Path):
-    "Run in the child process: execute the notebook with papermill, record a failing cell in error.json."
+_SLICE, _IDLE_GRACE = 0.25, 30.0  # seconds: shell-reply poll slice; how long an idle kernel may owe a reply
+_CHILD = {}  # the child process's state: run folder, ipc folder, kernel pid, start time
+
+def _sliced(client, get_msg):
+    "Wrap a shell channel's `get_msg` so the wait polls in short slices (a lost wake-up cannot block it)."
+    from queue import Empty
+    async def get(timeout=None):
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = _SLICE if end is None else min(_SLICE, max(0.0, end - time.monotonic()))
+            try: return await get_msg(timeout=left)
+            except Empty:
+                if end is not None and time.monotonic() >= end: raise
+                idle = getattr(client, "_idle_at", None)
+                if idle and time.monotonic() - idle > _IDLE_GRACE:
+                    raise TimeoutError(f"watchdog: the kernel went idle {_IDLE_GRACE:.0f} s ago but never sent the cell's reply")
+    return get
+
+# %% ../nbs/01_repro.ipynb #b0c1e001
+def _client_class():
+    "papermill's notebook client with sliced shell waits, ipc transport, a kernel-pid record and progress reports."
+    from jupyter_core.utils import run_sync
+    from papermill.clientwrap import PapermillNotebookClient
+    class Client(PapermillNotebookClient):
+        def create_kernel_manager(self):
+            km = super().create_kernel_manager()
+            km.transport, km.ip = "ipc", os.path.join(_CHILD["ipc"], "k")  # Unix sockets: no ports to race for
+            return km
+        async def async_start_new_kernel(self, **kw):
+            await super().async_start_new_kernel(**kw)
+            _CHILD["kernel"] = getattr(getattr(self.km, "provisioner", None), "pgid", None)
+        async def async_start_new_kernel_client(self):
+            kc = await super().async_start_new_kernel_client()
+            kc.shell_channel.get_msg = _sliced(self, kc.shell_channel.get_msg)
+            return kc
+        def process_message(self, msg, cell, cell_index):
+            if msg["msg_type"] == "status" and msg["content"].get("execution_state") == "idle": self._idle_at = time.monotonic()
+            return super().process_message(msg, cell, cell_index)
+        async def async_execute_cell(self, cell, cell_index, **kw):
+            self._idle_at = None; _report_progress(self.nb, cell_index)
+            return await super().async_execute_cell(cell, cell_index, **kw)
+        start_new_kernel, start_new_kernel_client = run_sync(async_start_new_kernel), run_sync(async_start_new_kernel_client)
+        execute_cell = run_sync(async_execute_cell)
+    return Client
+
+# %% ../nbs/01_repro.ipynb #b0c1e002
+def _source_index(nb, i:int)->int:
+    "Index of executed cell `i` in the chapter's own notebook (papermill inserted one `injected-parameters` cell)."
+    inj = next((j for j, c in enumerate(nb["cells"]) if "injected-parameters" in c.get("metadata", {}).get("tags", [])), None)
+    return i - 1 if inj is not None and i > inj else i
+
+def _first_line(src)->str:
+    src = "".join(src) if isinstance(src, list) else src
+    return next((l.strip() for l in src.splitlines() if l.strip() and not l.startswith("#|")), "")[:80]
+
+def _report_progress(nb, i:int):
+    "Write `progress.json` (cell, code cells done / total, the cell's first line, times) into the run folder."
+    code = [j for j, c in enumerate(nb["cells"]) if c["cell_type"] == "code"]
+    p = dict(cell=_source_index(nb, i), done=sum(j < i for j in code), total=len(code),
+             source=_first_line(nb["cells"][i]["source"]), cell_started=time.time(), run_started=_CHILD.get("t0"))
+    f = Path(_CHILD["dir"])/"progress.json"; t = f.with_suffix(".tmp")
+    t.write_text(json.dumps(p)); os.replace(t, f)
+
+# %% ../nbs/01_repro.ipynb #b0c1e003
+def _die_with_parent(parent:int):
+    "Linux: get SIGTERM when the runner dies (even by SIGKILL); then kill the kernel's process group and exit."
+    def on_term(*_):
+        if _CHILD.get("kernel"):
+            try: os.killpg(_CHILD["kernel"], signal.SIGKILL)  # the kernel leads its own session: it and its children
+            except OSError: pass
+        shutil.rmtree(_CHILD.get("ipc", ""), ignore_errors=True); os._exit(143)
+    signal.signal(signal.SIGTERM, on_term)
+    if sys.platform.startswith("linux"):
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent: on_term()  # the runner died before the request took effect
+
+# %% ../nbs/01_repro.ipynb #b0c1e007
+def _papermill_inspect(cls, cell)->list:
+    "papermill's view of a parameters cell, from our `ast` parser: its line parser warns about any comment holding `=`."
+    from papermill.models import Parameter
+    src = "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+    return [Parameter(p.name, p.type, repr(p.default), p.doc) for p in parse_params_cell(src).values()]
+
+def _patch_papermill():
+    "Give papermill our parameter reader and our notebook client (this process runs one notebook)."
+    import papermill.engines as engines
+    from papermill.translators import PythonTranslator
+    PythonTranslator.inspect = classmethod(_papermill_inspect)
+    engines.PapermillNotebookClient = _client_class()
+
+# %% ../nbs/01_repro.ipynb #b0c1e004
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+def _failing_line(tb)->str:
+    "`line N: <code>` of the innermost frame inside the cell, from an IPython traceback."
+    lines = _ANSI.sub("", "\n".join(tb or [])).splitlines()
+    arrows = [l for l in lines if re.match(r"^-+> ?\d+", l)]
+    m = re.match(r"^-+> ?(\d+)\s?(.*)$", arrows[0]) if arrows else None
+    return f"line {m.group(1)}: {m.group(2).strip()}" if m else ""
+
+def _exec_child(spec:str):
+    "Run in the child process: execute the notebook with papermill; describe a failure in `error.json`."
+    a = json.loads(Path(spec).read_text()); out = Path(a["out"])
+    _CHILD.update(dir=str(out.parent), t0=time.time(), ipc=tempfile.mkdtemp(prefix="lp-"))
+    _die_with_parent(a["parent"])
     import papermill as pm
-    try:
-        pm.execute_notebook(str(nb), str(out), parameters=params, kernel_name="python3", language="python", cwd=str(cwd), progress_bar=False, log_output=False)
+    _patch_papermill()
+    err = None
+    try: pm.execute_notebook(a["nb"], str(out), parameters=a["params"], kernel_name="python3", language="python",
+                             cwd=a["cwd"], progress_bar=False, log_output=False, start_timeout=120)
     except pm.PapermillExecutionError as e:
-        (out.parent/"error.json").write_text(json.dumps(dict(cell_index=e.cell_index, exec_count=e.exec_count, ename=e.ename, evalue=e.evalue, source=e.source[:500])))
-        sys.exit(1)
+        nb = json.loads(out.read_text())
+        err = dict(cell_index=_source_index(nb, e.cell_index), source=e.source[:500], line=_failing_line(e.traceback),
+                   ename=e.ename, evalue=e.evalue)
     except BaseException as e:
-        (out.parent/"error.json").write_text(json.dumps(dict(cell_index=None, exec_count=None, ename=type(e).__name__, evalue=str(e), source="")))
-        sys.exit(1)
+        err = dict(cell_index=None, ename=type(e).__name__, evalue=str(e)[:2000], source="")
+    finally: shutil.rmtree(_CHILD["ipc"], ignore_errors=True)
+    if err:
+        err["elapsed"] = round(time.time() - _CHILD["t0"], 1)
+        (out.parent/"error.json").write_text(json.dumps(err)); sys.exit(1)
 
 # %% ../nbs/01_repro.ipynb #bb1568b8
 def _pid_alive(pid:int)->bool:
@@ -214,75 +398,191 @@ def _pid_alive(pid:int)->bool:
     except ProcessLookupError: return False
     except PermissionError: return True
 
+def _tmp_pid(t:Path)->int|None:
+    m = re.search(r"\.tmp-(\d+)-", t.name)
+    return int(m.group(1)) if m else None
+
 def _clean_stale(d:Path):
     for t in d.glob(".*.tmp-*"):
-        m = re.search(r"\.tmp-(\d+)-", t.name)
-        if m and not _pid_alive(int(m.group(1))): shutil.rmtree(t, ignore_errors=True)
+        if _tmp_pid(t) and not _pid_alive(_tmp_pid(t)): shutil.rmtree(t, ignore_errors=True)
 
 def is_complete(path:Path)->bool:
     "A run folder counts only if it holds `complete.json`."
     return (Path(path)/"complete.json").exists()
 
-def _child_env(tmp:Path)->dict:
-    env = dict(os.environ, **{RUN_DIR_ENV: str(tmp)})
+def _child_env(tmp:Path, root:Path, rid:str)->dict:
+    from lipapers.core import RUN_DIR_ENV
+    env = dict(os.environ, **{RUN_DIR_ENV: str(tmp), "LIPAPERS_RUN_ID": rid, "LIPAPERS_RUNS": str(root)})
     if shutil.which("nvidia-smi") is None: env.setdefault("TRITON_INTERPRET", "1")
     env.setdefault("PLOTLY_RENDERER", "plotly_mimetype")  # figures stored as JSON, not with 3 MB of plotly.js each
+    env["PYTHONUNBUFFERED"] = "1"
     return env
 
+def _umask_modes(d:Path):
+    "Give every file of a run the user's umask (files made with `mkstemp` are 0600)."
+    um = os.umask(0); os.umask(um)
+    for f in [d, *Path(d).rglob("*")]:
+        try: os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~um)
+        except OSError: pass
+
 # %% ../nbs/01_repro.ipynb #fff33679
-def _stamp_metrics(tmp:Path, ch:Chapter, preset:str, rid:str, params:dict):
-    "Add chapter, run_id, preset and the parameters (as `p_<name>` columns) to the notebook's metrics."
+def _stamp_metrics(tmp:Path, ch:Chapter, preset:str, rid:str, params:dict, over:dict, code:str):
+    "Add chapter, run_id, preset, the run's kind (default or overrides), code version and `p_<name>` columns."
     import polars as pl, io
     f = tmp/"metrics.parquet"
     if not f.exists(): raise RuntimeError("the chapter wrote no metrics.parquet (it must call Recorder.save())")
-    df = pl.read_parquet(f).with_columns(chapter=pl.lit(ch.name), run_id=pl.lit(rid), preset=pl.lit(preset))
+    df = pl.read_parquet(f).with_columns(chapter=pl.lit(ch.name), run_id=pl.lit(rid), preset=pl.lit(preset),
+        default_run=pl.lit(not over), overrides=pl.lit(json.dumps(over, sort_keys=True, default=str) if over else ""),
+        code_version=pl.lit(code))
     lit = lambda v: pl.lit(json.dumps(v) if isinstance(v, (list, dict)) else v)
     df = df.with_columns(**{f"p_{k}": lit(v) for k, v in params.items()})
     first = ["chapter", "run_id", "preset", "method", "metric", "value", "unit", "step"]
     df = df.select([c for c in first if c in df.columns] + [c for c in df.columns if c not in first])
-    buf = io.BytesIO(); df.write_parquet(buf); atomic_write_bytes(f, buf.getvalue())
+    buf = io.BytesIO(); df.write_parquet(buf); f.write_bytes(buf.getvalue())
+
+# %% ../nbs/01_repro.ipynb #c0de0002
+def _code_files(ch:Chapter, code:list)->list:
+    pkg = Path(__file__).parent
+    mods = {ch.name, "core"} | set(re.findall(r"\blipapers\.(\w+)", "\n".join(code)))
+    mods |= {m.strip() for g in re.findall(r"from lipapers import ([\w, ()]+)", "\n".join(code)) for m in re.split(r"[,()\s]+", g) if m.strip()}
+    files = [pkg/f"{m}.py" for m in sorted(mods) if (pkg/f"{m}.py").exists()]
+    return files + (sorted((pkg/"kernels").glob("*.py")) if "kernels" in mods else [])
+
+def code_version(ch:Chapter)->str:
+    "Hash of the chapter's code cells and the `lipapers` modules they import (12 hex digits)."
+    nb, src = _read_nb(ch.path)
+    code = [src(c) for c in nb["cells"] if c["cell_type"] == "code" and "parameters" not in c.get("metadata", {}).get("tags", [])]
+    h = hashlib.sha256(json.dumps(code).encode())
+    for f in _code_files(ch, code): h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()[:12]
 
 # %% ../nbs/01_repro.ipynb #d5725921
-def execute(ch:Chapter, preset:str, params:dict, root:Path, force:bool=False, timeout:float|None=None)->RunResult:
-    "Run one resolved experiment into `root/<chapter>/<preset>/<run_id>/` (skip it if already complete)."
-    rid = run_id(ch, params); d = Path(root)/ch.name/preset; final = d/rid
-    if is_complete(final) and not force: return RunResult(ch.name, preset, rid, final, "skipped", params)
+def _run_info(d:Path)->dict:
+    "`complete.json` of a run folder, or {}."
+    try: return json.loads((Path(d)/"complete.json").read_text())
+    except (OSError, ValueError): return {}
+
+def default_timeout(ch:Chapter, preset:str, root:Path)->float:
+    "Per-run deadline: the preset's `timeout:`, else 5x its slowest recorded run (at least 10 min), else 1 h."
+    if ch.presets[preset].timeout: return float(ch.presets[preset].timeout)
+    secs = [_run_info(d).get("seconds", 0) for d in (Path(root)/ch.name/preset).glob("[0-9a-f]*") if is_complete(d)]
+    return max(600.0, 5 * max(secs)) if secs else 3600.0
+
+def _git_commit()->str:
+    try:
+        r = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], capture_output=True, text=True, timeout=10, cwd=Path(__file__).parent)
+        return r.stdout.strip()
+    except (OSError, subprocess.SubprocessError): return ""
+
+# %% ../nbs/01_repro.ipynb #c0de0003
+def _wait(p, tmp:Path, deadline:float|None, on_progress=None)->int|None:
+    "Wait for child `p`; report progress each second; past the deadline stop it (SIGTERM, then SIGKILL) and return None."
+    t0 = time.time()
+    while True:
+        try: return p.wait(timeout=1.0)
+        except subprocess.TimeoutExpired: pass
+        if on_progress:
+            try: on_progress(json.loads((tmp/"progress.json").read_text()))
+            except (OSError, ValueError): pass
+        if deadline and time.time() - t0 > deadline:
+            _stop(p); return None
+
+def _stop(p):
+    "SIGTERM the child (it kills its kernel), then SIGKILL its whole process group."
+    try: p.terminate(); p.wait(timeout=10)
+    except subprocess.TimeoutExpired: pass
+    try: os.killpg(p.pid, signal.SIGKILL)
+    except OSError: pass
+    p.wait()
+
+# %% ../nbs/01_repro.ipynb #c0de0004
+def execute(ch:Chapter, preset:str, params:dict, root:Path, force:bool=False, timeout:float|None=None, on_progress=None)->RunResult:
+    "Run one resolved experiment into `root/<chapter>/<preset>/<run_id>/` (skip it if complete with the current code)."
+    rid = run_id(ch, params); d = Path(root)/ch.name/preset; final = d/rid; code = code_version(ch)
+    if is_complete(final) and not force and _run_info(final).get("code_version") == code:
+        return RunResult(ch.name, preset, rid, final, "skipped", params)
+    over = overrides_of(ch, preset, params); timeout = timeout or default_timeout(ch, preset, root)
     d.mkdir(parents=True, exist_ok=True); _clean_stale(d)
     tmp = d/f".{rid}.tmp-{os.getpid()}-{os.urandom(3).hex()}"; tmp.mkdir()
-    (tmp/"params.json").write_text(json.dumps(dict(chapter=ch.name, preset=preset, run_id=rid, notebook=str(ch.path), params=params), indent=1, default=str))
+    meta = dict(chapter=ch.name, preset=preset, run_id=rid, notebook=str(ch.path), params=params, overrides=over,
+                default_run=not over, code_version=code, git_commit=_git_commit())
+    (tmp/"params.json").write_text(json.dumps(meta, indent=1, default=str))
+    from lipapers.core import env_record
     (tmp/"env.json").write_text(json.dumps(env_record(seed=params.get("seed")), indent=1, default=str))
+    (tmp/"spec.json").write_text(json.dumps(dict(nb=str(ch.path), out=str(tmp/"executed.ipynb"), params=params,
+                                                 cwd=str(ch.path.parent), parent=os.getpid())))
+    cmd = [sys.executable, "-c", "import sys; from lipapers.repro import _exec_child; _exec_child(sys.argv[1])", str(tmp/"spec.json")]
     t0 = time.time()
-    cmd = [sys.executable, "-c", "import json,sys; from pathlib import Path; from lipapers.repro import _exec_child; a=json.load(open(sys.argv[1])); _exec_child(Path(a['nb']), Path(a['out']), a['params'], Path(a['cwd']))", str(tmp/"spec.json")]
-    (tmp/"spec.json").write_text(json.dumps(dict(nb=str(ch.path), out=str(tmp/"executed.ipynb"), params=params, cwd=str(ch.path.parent))))
-    try:
-        with open(tmp/"stdout.log", "w") as log: rc = subprocess.run(cmd, env=_child_env(tmp), timeout=timeout, stdout=log, stderr=subprocess.STDOUT).returncode
-    except subprocess.TimeoutExpired: rc = -1; (tmp/"error.json").write_text(json.dumps(dict(cell_index=None, ename="TimeoutError", evalue=f"run exceeded {timeout}s", source="")))
+    with open(tmp/"stdout.log", "w") as log:
+        p = subprocess.Popen(cmd, env=_child_env(tmp, Path(root), rid), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try: rc = _wait(p, tmp, timeout, on_progress)
+        except BaseException: _stop(p); raise  # Ctrl-C: the child is in its own group, the terminal's SIGINT missed it
+    return _finish(ch, preset, rid, params, over, code, tmp, final, rc, time.time() - t0, timeout)
+
+# %% ../nbs/01_repro.ipynb #c0de0005
+def _finish(ch, preset, rid, params, over, code, tmp, final, rc, secs, timeout)->RunResult:
+    "Stamp the metrics, write `complete.json` (or describe the failure), fix file modes, move the folder into place."
     (tmp/"spec.json").unlink(missing_ok=True)
-    err = ""
+    if rc is None: _timeout_error(tmp, timeout, secs)
+    elif rc == 0:
+        try: _stamp_metrics(tmp, ch, preset, rid, params, over, code)
+        except Exception as e:
+            rc = 1; (tmp/"error.json").write_text(json.dumps(dict(cell_index=None, ename=type(e).__name__, evalue=str(e), source="")))
     if rc == 0:
-        try: _stamp_metrics(tmp, ch, preset, rid, params)
-        except Exception as e: rc, err = 1, str(e); (tmp/"error.json").write_text(json.dumps(dict(cell_index=None, ename=type(e).__name__, evalue=str(e), source="")))
-    secs = time.time() - t0
-    if rc == 0: atomic_write_bytes(tmp/"complete.json", json.dumps(dict(run_id=rid, seconds=secs, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))).encode())
+        info = dict(run_id=rid, seconds=secs, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), code_version=code,
+                    default_run=not over, overrides=over)
+        (tmp/"complete.json").write_text(json.dumps(info, default=str))
+    (tmp/"progress.json").unlink(missing_ok=True); _umask_modes(tmp)
     if final.exists(): shutil.rmtree(final)
     os.rename(tmp, final)
     if rc == 0: return RunResult(ch.name, preset, rid, final, "complete", params, seconds=secs)
-    return RunResult(ch.name, preset, rid, final, "failed", params, err or _describe_error(final), secs)
+    return RunResult(ch.name, preset, rid, final, "failed", params, _describe_error(final), secs)
 
+def _timeout_error(tmp:Path, timeout:float, secs:float):
+    try: p = json.loads((tmp/"progress.json").read_text())
+    except (OSError, ValueError): p = {}
+    (tmp/"error.json").write_text(json.dumps(dict(cell_index=p.get("cell"), source=p.get("source", ""), ename="TimeoutError",
+        evalue=f"the run passed its deadline of {timeout:.0f} s (--timeout, or `timeout:` in the preset)", elapsed=round(secs, 1))))
+
+# %% ../nbs/01_repro.ipynb #c0de0006
 def _describe_error(final:Path)->str:
+    "One line: where the run failed (cell, line), what was raised, after how long, and where the partial notebook is."
     f = final/"error.json"
     if not f.exists(): return f"the notebook process failed (see {final/'stdout.log'})"
     e = json.loads(f.read_text())
-    where = f"cell {e['cell_index']} (`{e['source'].strip().splitlines()[0][:60]}`)" if e.get("cell_index") is not None and e.get("source") else "set-up"
-    return f"failed in {where}: {e['ename']}: {e['evalue']}; partial notebook kept at {final/'executed.ipynb'}"
+    if e.get("cell_index") is not None:
+        where = f"cell {e['cell_index']} (`{_first_line(e.get('source') or '')}`)" + (f", {e['line']}" if e.get("line") else "")
+    else: where = "set-up (before the first cell ran: kernel start or papermill)"
+    after = f" after {e['elapsed']:.0f} s" if e.get("elapsed") is not None else ""
+    return f"failed in {where}{after}: {e['ename']}: {e['evalue']}; partial notebook kept at {final/'executed.ipynb'}"
 
 # %% ../nbs/01_repro.ipynb #945db967
-def run(chapter:str, preset:str="tiny", overrides=(), runs:str|Path|None=None, force:bool=False, nbs:Path|None=None, timeout:float|None=None)->RunResult:
-    "Execute a chapter once (all input checked first)."
-    ch = get_chapter(chapter, nbs); params = resolve(ch, preset, overrides)
-    return execute(ch, preset, params, runs_dir(runs), force, timeout)
+class _Progress:
+    "Progress lines for runs: rewritten in place on a terminal, at most every 15 s otherwise (logs, CI)."
+    def __init__(self, out=None): self.out, self.last, self.state = out or sys.stderr, 0.0, {}
+    def __call__(self, key:str, p:dict):
+        self.state[key] = f"{key} cell {p['cell']} ({p['done']}/{p['total']} code cells) `{p['source'][:40]}` {time.time() - p['run_started']:.0f}s"
+        tty = self.out.isatty()
+        if not tty and time.time() - self.last < 15: return
+        self.last = time.time(); line = " | ".join(self.state.values())
+        self.out.write(f"\r\x1b[K{line[:160]}" if tty else line + "\n"); self.out.flush()
+    def done(self, key:str):
+        self.state.pop(key, None)
+        if self.out.isatty(): self.out.write("\r\x1b[K"); self.out.flush()
 
-def sweep(chapter:str, grid, preset:str="tiny", overrides=(), jobs:int=1, runs:str|Path|None=None, nbs:Path|None=None, progress:bool=True, timeout:float|None=None)->list:
+def run(chapter:str, preset:str="tiny", overrides=(), runs:str|Path|None=None, force:bool=False, nbs:Path|None=None,
+        timeout:float|None=None, progress:bool=False)->RunResult:
+    "Execute a chapter once (all input checked first)."
+    ch = get_chapter(chapter, nbs); params = resolve(ch, preset, overrides); root = runs_dir(runs)
+    rid, pr = run_id(ch, params), _Progress() if progress else None
+    if progress: print(f"{chapter} ({preset}, run {rid}): {ch.path.name}, deadline {timeout or default_timeout(ch, preset, root):.0f} s", file=sys.stderr)
+    r = execute(ch, preset, params, root, force, timeout, (lambda p: pr(rid, p)) if pr else None)
+    if pr: pr.done(rid)
+    return r
+
+# %% ../nbs/01_repro.ipynb #d0e00001
+def sweep(chapter:str, grid, preset:str="tiny", overrides=(), jobs:int=1, runs:str|Path|None=None, nbs:Path|None=None,
+          progress:bool=True, timeout:float|None=None, force:bool=False)->list:
     "Run the cartesian grid of `-g key=v1,v2` options; resumable and parallel."
     if jobs < 1: raise UsageError(f"-j must be >= 1, got {jobs}")
     if not grid: raise UsageError("sweep needs at least one -g key=v1,v2")
@@ -290,30 +590,68 @@ def sweep(chapter:str, grid, preset:str="tiny", overrides=(), jobs:int=1, runs:s
     points = [resolve(ch, preset, list(overrides) + pt) for pt in parse_grid(ch, grid)]
     root, results = runs_dir(runs), []
     from tqdm.auto import tqdm
-    with ThreadPoolExecutor(jobs) as ex, tqdm(total=len(points), desc=f"sweep {chapter}", disable=not progress) as bar:
-        futs = [ex.submit(execute, ch, preset, p, root, False, timeout) for p in points]
+    with ThreadPoolExecutor(jobs) as ex, tqdm(total=len(points), desc=f"sweep {chapter}", disable=not progress, file=sys.stderr) as bar:
+        def report(rid, p): bar.set_postfix_str(f"{rid[:6]}: cell {p['cell']} ({p['done']}/{p['total']})", refresh=True)
+        futs = [ex.submit(execute, ch, preset, p, root, force, timeout, (lambda q, r=run_id(ch, p): report(r, q))) for p in points]
         for f in as_completed(futs):
             r = f.result(); results.append(r); bar.update(1)
             if r.status == "failed": bar.write(f"run {r.run_id} {r.error}")
     return results
 
 # %% ../nbs/01_repro.ipynb #9c4adfb5
-def results(chapter:str|None=None, runs:str|Path|None=None, latest:bool=False):
-    "All complete runs' metrics (optionally of one chapter; `latest` keeps only each chapter's newest run per preset)."
+def _run_dirs(root:Path, chapter:str|None=None):
+    "Every run folder (complete or failed) under `root`, as (chapter, preset, folder)."
+    for d in sorted(Path(root).glob(f"{chapter or '*'}/*/*")):
+        if d.is_dir() and not d.name.startswith(".") and d.parent.parent.parent == Path(root) and d.parent.name != "interactive":
+            yield d.parent.parent.name, d.parent.name, d
+
+def _versions(root:Path, nbs=None)->dict:
+    try: return {n: code_version(c) for n, c in chapters(nbs).items()}
+    except (OSError, ValueError): return {}
+
+def results(chapter:str|None=None, runs:str|Path|None=None, latest:bool=False, stale:bool=False, nbs=None):
+    "Complete runs' metrics (optionally of one chapter); `latest`: each chapter/preset's newest default run; `stale`: keep old-code runs."
     import polars as pl
     root = runs_dir(runs)
-    if chapter is not None and not (root/chapter).exists():
-        known = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))) if root.exists() else []
+    if chapter is not None and not (root/chapter).is_dir():
+        known = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))) if root.is_dir() else []
         raise UsageError(f"no runs of chapter {chapter!r} in {root}; chapters with runs: {', '.join(known) or '(none)'}")
-    files = [f for f in sorted(root.glob(f"{chapter or '*'}/*/*/metrics.parquet")) if is_complete(f.parent)]
-    if latest:
-        newest = {}
-        for f in files:
-            k = f.parent.parent
-            if k not in newest or f.stat().st_mtime > newest[k].stat().st_mtime: newest[k] = f
-        files = sorted(newest.values())
+    cur, keep = _versions(root, nbs), {}
+    for ch, pre, d in _run_dirs(root, chapter):
+        info = _run_info(d)
+        if not info or not (d/"metrics.parquet").exists(): continue
+        if not stale and info.get("code_version") != cur.get(ch, info.get("code_version")): continue
+        if latest and (not info.get("default_run", True) or info["finished"] <= keep.get((ch, pre), ("",))[0]): continue
+        keep[(ch, pre) if latest else d] = (info["finished"], d)
+    files = sorted(d/"metrics.parquet" for _, d in keep.values())
     if not files: return pl.DataFrame(schema=dict(chapter=pl.Utf8, run_id=pl.Utf8, preset=pl.Utf8, method=pl.Utf8, metric=pl.Utf8, value=pl.Float64, unit=pl.Utf8, step=pl.Int64))
     return pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed")
+
+# %% ../nbs/01_repro.ipynb #d0e00002
+def list_runs(chapter:str|None=None, runs:str|Path|None=None, nbs=None)->list:
+    "Every run as a dict: chapter, preset, run_id, status (complete, stale, failed, running, interrupted), finished, seconds, overrides."
+    root, out = runs_dir(runs), []
+    cur = _versions(root, nbs)
+    for ch, pre, d in _run_dirs(root, chapter):
+        info = _run_info(d)
+        try: meta = json.loads((d/"params.json").read_text())
+        except (OSError, ValueError): meta = {}
+        st = "failed" if not info else "stale" if info.get("code_version") != cur.get(ch, info.get("code_version")) else "complete"
+        err = _describe_error(d) if st == "failed" else ""
+        out.append(dict(chapter=ch, preset=pre, run_id=d.name, status=st, finished=info.get("finished", ""),
+                        seconds=round(info.get("seconds", 0.0), 1), overrides=json.dumps(meta.get("overrides", {}), default=str), error=err, path=str(d)))
+    for t in sorted(Path(root).glob(f"{chapter or '*'}/*/.*.tmp-*")):
+        pid = _tmp_pid(t)
+        out.append(dict(chapter=t.parent.parent.name, preset=t.parent.name, run_id=t.name.split(".")[1], finished="", seconds=0.0,
+                        status="running" if pid and _pid_alive(pid) else "interrupted", overrides="", error="", path=str(t)))
+    return out
+
+def clean(chapter:str|None=None, runs:str|Path|None=None, dry_run:bool=False, nbs=None)->list:
+    "Remove failed, stale and interrupted runs; return what was (or, with `dry_run`, would be) removed."
+    gone = [r for r in list_runs(chapter, runs, nbs) if r["status"] in ("failed", "stale", "interrupted")]
+    if not dry_run:
+        for r in gone: shutil.rmtree(r["path"], ignore_errors=True)
+    return gone
 
 # %% ../nbs/01_repro.ipynb #a310a3ed
 def _fmt_list(chs:dict)->str:
@@ -324,30 +662,51 @@ def _fmt_list(chs:dict)->str:
         for p in ch.params.values(): out.append(f"  param  {p.name:<18} {p.type:<10} {p.default!r:<14} {p.doc}")
     return "\n".join(out)
 
+def _fmt_table(rows:list, cols:list)->str:
+    "A plain aligned text table (full values, no truncation)."
+    w = {c: max([len(c)] + [len(str(r[c])) for r in rows]) for c in cols}
+    return "\n".join(["  ".join(c.ljust(w[c]) for c in cols)] + ["  ".join(str(r[c]).ljust(w[c]) for c in cols) for r in rows])
+
 class _ArgError(Exception): pass
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message): raise _ArgError(message)  # one line, exit 2, from main()
 
+# %% ../nbs/01_repro.ipynb #e0f00001
+def _run_opts(s, sweep:bool):
+    s.add_argument("chapter", help="chapter name (see `lipapers list`)")
+    s.add_argument("--preset", default="tiny", help="parameter preset (default: tiny, the notebook's own defaults)")
+    s.add_argument("-p", action="append", default=[], metavar="KEY=VALUE", help="override a parameter (repeatable)")
+    s.add_argument("--runs-dir", default=None, help="where runs are written (default: $LIPAPERS_RUNS, else runs/)")
+    s.add_argument("--timeout", type=float, default=None, help="seconds per run (default: the preset's timeout, else 5x its last run, else 3600)")
+    s.add_argument("--force", action="store_true", help="run again even if a complete run with the current code exists")
+    if sweep:
+        s.add_argument("-g", action="append", default=[], metavar="KEY=V1,V2", help="a grid axis (repeatable: the cartesian product)")
+        s.add_argument("-j", type=int, default=1, help="runs in parallel (default 1)")
+
 def _parser():
     ap = _Parser(prog="lipapers", description="Run and gather lipapers chapter reproductions.")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("list", help="chapters, presets and parameters")
-    for name in ("run", "sweep"):
-        s = sub.add_parser(name, help=f"{name} a chapter")
-        s.add_argument("chapter"); s.add_argument("--preset", default="tiny")
-        s.add_argument("-p", action="append", default=[], metavar="KEY=VALUE", help="override a parameter")
-        s.add_argument("--runs-dir", default=None); s.add_argument("--timeout", type=float, default=None, help="seconds per run")
-        if name == "run": s.add_argument("--force", action="store_true", help="run again even if complete")
-        else:
-            s.add_argument("-g", action="append", default=[], metavar="KEY=V1,V2", help="a grid axis")
-            s.add_argument("-j", type=int, default=1, help="parallel runs")
-    r = sub.add_parser("results", help="all runs' metrics as one table")
-    r.add_argument("chapter", nargs="?"); r.add_argument("--format", choices=("table", "csv", "parquet"), default="table")
-    r.add_argument("-o", "--output", default=None); r.add_argument("--runs-dir", default=None); r.add_argument("--latest", action="store_true")
-    rp = sub.add_parser("repro", help="run every chapter at its default preset and gather the results")
-    rp.add_argument("--runs-dir", default=None); rp.add_argument("--no-docs", action="store_true")
-    lb = sub.add_parser("lab", help="JupyterLab on 127.0.0.1 with a token"); lb.add_argument("--port", type=int, default=8888)
+    ap.add_argument("--version", action="version", version=f"lipapers {__version__}")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    sub.add_parser("list", help="chapters, presets and parameters").add_argument("chapter", nargs="?", help="only this chapter")
+    _run_opts(sub.add_parser("run", help="run a chapter once"), False)
+    _run_opts(sub.add_parser("sweep", help="run a chapter over a grid of parameters"), True)
+    r = sub.add_parser("results", help="complete runs' metrics as one table")
+    r.add_argument("chapter", nargs="?", help="only this chapter")
+    r.add_argument("--format", choices=("table", "csv", "parquet"), default="table", help="output format (default: table)")
+    r.add_argument("-o", "--output", default=None, help="write to this file (needed for parquet)")
+    r.add_argument("--runs-dir", default=None, help="the runs folder (default: $LIPAPERS_RUNS, else runs/)")
+    r.add_argument("--latest", action="store_true", help="only the newest default-parameter run per chapter and preset")
+    r.add_argument("--stale", action="store_true", help="include runs made by older code")
+    for name, h in (("runs", "list runs with status, duration and overrides"), ("clean", "remove failed, stale and interrupted runs")):
+        s = sub.add_parser(name, help=h); s.add_argument("chapter", nargs="?", help="only this chapter")
+        s.add_argument("--runs-dir", default=None, help="the runs folder (default: $LIPAPERS_RUNS, else runs/)")
+        if name == "clean": s.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    rp = sub.add_parser("repro", help="run every chapter at its default preset, gather the results, build the docs")
+    rp.add_argument("--runs-dir", default=None, help="the runs folder (default: $LIPAPERS_RUNS, else runs/)")
+    rp.add_argument("--no-docs", action="store_true", help="skip the docs build")
+    lb = sub.add_parser("lab", help="JupyterLab on 127.0.0.1 with a token")
+    lb.add_argument("--port", type=int, default=8888, help="port (default 8888)")
     lb.add_argument("extra", nargs="*", help="further JupyterLab options (after --)")
     return ap
 
@@ -364,58 +723,82 @@ def main(argv=None)->int:
 
 # %% ../nbs/01_repro.ipynb #105cde56
 def _dispatch(a)->int:
-    import polars as pl
-    if a.cmd == "list": print(_fmt_list(chapters())); return 0
+    if a.cmd == "list":
+        chs = chapters()
+        if a.chapter: chs = {a.chapter: get_chapter(a.chapter)}
+        print(_fmt_list(chs)); return 0
     if a.cmd == "run":
-        r = run(a.chapter, a.preset, a.p, a.runs_dir, a.force, timeout=a.timeout)
+        r = run(a.chapter, a.preset, a.p, a.runs_dir, a.force, timeout=a.timeout, progress=True)
         print(f"{r.status}: {r.path}" + (f"  ({r.seconds:.1f}s)" if r.seconds else "") + (f"\n{r.error}" if r.error else ""))
+        if r.status != "failed": print(f"results: lipapers results {a.chapter}" + (f" --runs-dir {a.runs_dir}" if a.runs_dir else ""))
         return 1 if r.status == "failed" else 0
     if a.cmd == "sweep":
-        rs = sweep(a.chapter, a.g, a.preset, a.p, a.j, a.runs_dir, timeout=a.timeout)
+        rs = sweep(a.chapter, a.g, a.preset, a.p, a.j, a.runs_dir, timeout=a.timeout, force=a.force)
         n = {s: sum(r.status == s for r in rs) for s in ("complete", "skipped", "failed")}
-        print(f"sweep {a.chapter}: {n['complete']} run, {n['skipped']} already complete, {n['failed']} failed")
+        print(f"sweep {a.chapter}: {n['complete']} run, {n['skipped']} already complete, {n['failed']} failed; runs in {runs_dir(a.runs_dir)/a.chapter/a.preset}")
         return 1 if n["failed"] else 0
-    if a.cmd == "results":
-        df = results(a.chapter, a.runs_dir, a.latest)
-        if a.format == "parquet":
-            if not a.output: raise UsageError("--format parquet needs -o FILE")
-            df.write_parquet(a.output)
-        elif a.format == "csv":
-            (df.write_csv(a.output) if a.output else sys.stdout.write(df.write_csv()))
-        else:
-            with pl.Config(tbl_rows=200, tbl_cols=12, fmt_str_lengths=40): print(df)
-        return 0
+    if a.cmd == "results": return _results_cmd(a)
+    if a.cmd == "runs":
+        rows = list_runs(a.chapter, a.runs_dir)
+        if not rows: raise UsageError(f"no runs{' of ' + a.chapter if a.chapter else ''} in {runs_dir(a.runs_dir)}")
+        print(_fmt_table(rows, ["chapter", "preset", "run_id", "status", "finished", "seconds", "overrides"])); return 0
+    if a.cmd == "clean":
+        gone = clean(a.chapter, a.runs_dir, a.dry_run)
+        for r in gone: print(f"{'would remove' if a.dry_run else 'removed'} {r['status']:<11} {r['path']}")
+        print(f"{len(gone)} run(s) {'to remove' if a.dry_run else 'removed'}"); return 0
     if a.cmd == "repro": return repro(a.runs_dir, docs=not a.no_docs)
     if a.cmd == "lab": return lab(a.port, a.extra)
     return 2
 
+# %% ../nbs/01_repro.ipynb #e0f00002
+def _results_cmd(a)->int:
+    import polars as pl
+    df = results(a.chapter, a.runs_dir, a.latest, a.stale)
+    if df.height == 0:
+        n = len(list_runs(a.chapter, a.runs_dir))
+        raise UsageError(f"no complete runs in {runs_dir(a.runs_dir)}" + (f" ({n} failed, stale or running: see `lipapers runs`)" if n else ""))
+    if a.format == "parquet":
+        if not a.output: raise UsageError("--format parquet needs -o FILE")
+        df.write_parquet(a.output)
+    elif a.format == "csv": (df.write_csv(a.output) if a.output else sys.stdout.write(df.write_csv()))
+    else:
+        with pl.Config(tbl_rows=-1, tbl_cols=12, fmt_str_lengths=200, tbl_hide_column_data_types=True, tbl_hide_dataframe_shape=True): print(df)
+    return 0
+
 # %% ../nbs/01_repro.ipynb #9a30c787
 def repro(runs=None, docs:bool=True)->int:
     "Run every chapter's default preset, gather results, build the docs."
-    import polars as pl
-    failed = []
-    for name, ch in chapters().items():
-        r = execute(ch, "tiny", resolve(ch, "tiny"), runs_dir(runs))
-        print(f"{name:<14} {r.status:<9} {r.seconds:7.1f}s  {r.path}" + (f"\n  {r.error}" if r.error else ""), flush=True)
+    chs, root, failed = chapters(), runs_dir(runs), []
+    est = sum(max([_run_info(d).get("seconds", 0) for d in (root/n/"tiny").glob("[0-9a-f]*")] or [0]) for n in chs)
+    print(f"lipapers repro: {len(chs)} chapters at their default preset into {root}" + (f"; about {est/60:.0f} min from the last runs" if est else ""), flush=True)
+    for i, (name, ch) in enumerate(chs.items(), 1):
+        print(f"[{i}/{len(chs)}] {name} ...", flush=True)
+        r = execute(ch, "tiny", resolve(ch, "tiny"), root, on_progress=(lambda p, n=name, pr=_Progress(): pr(n, p)))
+        print(f"[{i}/{len(chs)}] {name:<12} {r.status:<9} {r.seconds:7.1f}s  {r.path}" + (f"\n  {r.error}" if r.error else ""), flush=True)
         if r.status == "failed": failed.append(name)
     df = results(runs=runs, latest=True)
-    df.write_parquet(runs_dir(runs)/"results.parquet")
-    print(df.group_by("chapter").agg(pl.len().alias("metrics"), pl.col("run_id").n_unique().alias("runs")).sort("chapter"))
+    df.write_parquet(root/"results.parquet")
+    print(f"results: {root/'results.parquet'} ({df['run_id'].n_unique() if df.height else 0} runs, {df.height} metric rows); "
+          f"`lipapers results --latest` shows them" + (f"; failed: {', '.join(failed)}" if failed else ""), flush=True)
     if docs:
         try: from lipapers import docs as _docs
         except ImportError: print("docs builder not available; skipped")
-        else: _docs.build()
+        else: print(f"docs: {_docs.build(quiet=True)/'index.html'}")
     return 1 if failed else 0
 
 # %% ../nbs/01_repro.ipynb #f624f792
 def lab(port:int=8888, extra=())->int:
-    "Start JupyterLab on 127.0.0.1 with a token and widget-state saving on."
+    "Start JupyterLab on 127.0.0.1 with a token (from the environment, not the command line), widget-state saving on, no news."
+    from lipapers.core import project_root
     settings = Path(sys.prefix)/"share/jupyter/lab/settings"; settings.mkdir(parents=True, exist_ok=True)
     f = settings/"overrides.json"; cur = json.loads(f.read_text()) if f.exists() else {}
     cur.setdefault("@jupyter-widgets/jupyterlab-manager:plugin", {})["saveState"] = True
+    cur.setdefault("@jupyterlab/apputils-extension:notification", {}).update(fetchNews="false", checkForUpdates=False)
     f.write_text(json.dumps(cur, indent=1))
     token = os.environ.get("LIPAPERS_LAB_TOKEN") or os.urandom(12).hex()
-    cmd = [str(Path(sys.executable).parent/"jupyter"), "lab", "--no-browser", "--ip", "127.0.0.1", "--port", str(port), f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={project_root()}"]
+    cmd = [str(Path(sys.executable).parent/"jupyter"), "lab", "--no-browser", "--ip", "127.0.0.1", "--port", str(port),
+           f"--ServerApp.root_dir={project_root()}"]
     if hasattr(os, "geteuid") and os.geteuid() == 0: cmd.append("--allow-root")
     print(f"JupyterLab: http://127.0.0.1:{port}/lab?token={token}", flush=True)
-    return subprocess.call(cmd + list(extra), env=dict(os.environ, PLOTLY_RENDERER=os.environ.get("PLOTLY_RENDERER", "plotly_mimetype")))
+    env = dict(os.environ, JUPYTER_TOKEN=token, PLOTLY_RENDERER=os.environ.get("PLOTLY_RENDERER", "plotly_mimetype"))
+    return subprocess.call(cmd + list(extra), env=env)

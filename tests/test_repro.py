@@ -38,6 +38,10 @@ def cli(*args, env_vars=None, timeout=300):
         (["run", "toy", "-p", "n=1; import os"], "parameter 'n' expects int, got '1; import os'"),
         (["run", "toy", "-p", "n"], "malformed -p 'n'; expected key=value"),
         (["run", "toy", "-p", "fail=maybe"], "parameter 'fail' expects bool"),
+        (["run", "toy", "-p", "n=0"], "parameter 'n' must be ≥ 1, got 0"),
+        (["sweep", "toy", "-g", "n=2,-1"], "parameter 'n' must be ≥ 1, got -1"),
+        (["list", "nope"], "unknown chapter 'nope'; valid: toy"),
+        (["results"], "no complete runs in"),
         (["sweep", "toy", "-g", "n=1,x"], "parameter 'n' expects int, got 'x'"),
         (["sweep", "toy", "-g", "n"], "malformed -g 'n'; expected key=value"),
         (["sweep", "toy", "-g", "n=1,,2"], "empty value"),
@@ -83,22 +87,41 @@ def test_run_writes_every_file_and_skips_when_complete(env):
 def test_failing_notebook_names_cell_keeps_partial_and_is_not_complete(env):
     r = cli("run", "toy", "-p", "fail=true", env_vars={"LIPAPERS_NBS": str(FIXTURES), "LIPAPERS_RUNS": str(env)})
     assert r.returncode == 1
-    assert "ZeroDivisionError" in r.stdout and "if fail: 1 / 0" in r.stdout
+    assert "ZeroDivisionError" in r.stdout and "failed in cell 5 (`if fail: 1 / 0`), line 1: if fail: 1 / 0 after " in r.stdout, r.stdout
     run_dir = next((env / "toy" / "tiny").iterdir())
     assert (run_dir / "executed.ipynb").exists() and not (run_dir / "complete.json").exists()
     assert repro.results("toy").height == 0  # a failed run never counts
 
 
+def _processes_tagged(tag, within=0.0):
+    "Live processes whose environment carries `LIPAPERS_TEST_TAG=tag` (the runner's children inherit it), after waiting up to `within` s."
+    deadline = time.time() + within
+    while True:
+        found = []
+        for d in Path("/proc").glob("[0-9]*"):
+            try:
+                if f"LIPAPERS_TEST_TAG={tag}".encode() in (d / "environ").read_bytes().split(b"\0"):
+                    found.append((d.name, (d / "cmdline").read_bytes().replace(b"\0", b" ")[:100].decode(errors="replace")))
+            except OSError:
+                pass
+        if not found or time.time() > deadline:
+            return found
+        time.sleep(0.5)
+
+
 def test_interrupted_sweep_resumes_without_losing_finished_runs(env):
+    """A sweep killed with SIGKILL leaves no notebook process or kernel behind, keeps its finished runs, and resumes."""
     args = ["sweep", "toy", "-g", "n=1,2,3", "-p", "sleep=1.5", "-j", "1"]
-    e = dict(os.environ, LIPAPERS_NBS=str(FIXTURES), LIPAPERS_RUNS=str(env))
+    e = dict(os.environ, LIPAPERS_NBS=str(FIXTURES), LIPAPERS_RUNS=str(env), LIPAPERS_TEST_TAG=os.urandom(6).hex())
     p = subprocess.Popen([LIPAPERS, *args], env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     tiny = env / "toy" / "tiny"
     deadline = time.time() + 240
     while time.time() < deadline and not (tiny.exists() and any(repro.is_complete(d) for d in tiny.iterdir())):
         time.sleep(0.2)
-    os.killpg(p.pid, signal.SIGKILL)  # kill the sweep and its notebook process mid-way, as a crash would
+    os.kill(p.pid, signal.SIGKILL)  # kill only the `lipapers` process mid-way, as a crash or a closed terminal would
     p.wait()
+    left = _processes_tagged(e["LIPAPERS_TEST_TAG"], within=30)
+    assert not left, f"processes of the killed sweep still running: {left}"
     done = [d for d in tiny.iterdir() if repro.is_complete(d)]
     assert 1 <= len(done) < 3
     assert all(not d.name.startswith(".") for d in done)
@@ -116,3 +139,201 @@ def test_parallel_sweep_with_a_failing_point_goes_on(env):
     assert sorted(r.status for r in res) == ["complete", "complete", "failed", "failed"]
     df = repro.results("toy")
     assert sorted(df.group_by("run_id").len()["len"].to_list()) == [1, 2]
+
+
+# --- issue: runs never hang, bad input first, caching that cannot lie, feedback ---------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPLORER = Path(__file__).parent / "fixtures" / "explorer" / "nbs"
+
+
+def test_every_chapter_parameters_cell_parses_in_papermill(caplog, monkeypatch):
+    """Under the runner, papermill sees every parameter of every chapter (no 'Unable to parse line', so no 'Passed
+    unknown parameter' on override: its own line parser trips on `=` in a comment, so the runner gives it ours), and
+    every default and preset value meets its declared check."""
+    import logging
+
+    import papermill.engines
+    from papermill.inspection import _infer_parameters
+    from papermill.iorw import load_notebook_node
+    from papermill.translators import PythonTranslator
+
+    monkeypatch.setattr(PythonTranslator, "inspect", PythonTranslator.inspect)  # restored after the test
+    monkeypatch.setattr(papermill.engines, "PapermillNotebookClient", papermill.engines.PapermillNotebookClient)
+    repro._patch_papermill()
+    chapters = repro.chapters(ROOT / "nbs")  # raises if a default or a preset breaks its declared range
+    assert len(chapters) >= 8
+    for ch in chapters.values():
+        nb = load_notebook_node(str(ch.path))  # as papermill reads it
+        with caplog.at_level(logging.WARNING, logger="papermill"):
+            caplog.clear()
+            names = [p.name for p in _infer_parameters(nb, name="python3", language="python")]
+        assert not caplog.records, f"{ch.name}: {[r.getMessage() for r in caplog.records]}"
+        assert names == list(ch.params), f"{ch.name}: papermill sees {names}"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "msam", "-p", "dataset=x"], "parameter 'dataset' must be one of: fashion_mnist, shakespeare; got 'x'"),
+        (["run", "msam", "-p", "epochs=0"], "parameter 'epochs' must be ≥ 1, got 0"),
+        (["run", "msam", "-p", "seed=-1"], "parameter 'seed' must be ≥ 0, got -1"),
+        (["run", "quantease", "-p", "methods=['rtn', 'awq']"], "parameter 'methods' (each element) must be one of: rtn, gptq"),
+    ],
+)
+def test_real_chapters_check_declared_ranges_before_any_kernel(args, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("LIPAPERS_NBS", raising=False)
+    t0 = time.time()
+    assert repro.main([*args, "--runs-dir", str(tmp_path / "runs")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in last, last
+    assert not (tmp_path / "runs").exists() and time.time() - t0 < 20
+
+
+def test_runs_dir_that_is_a_file_and_empty_results(tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    r = cli("run", "toy", "--runs-dir", str(f), env_vars={"LIPAPERS_NBS": str(FIXTURES)})
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"lipapers: error: runs folder '{f}' is a file, not a folder; pass --runs-dir DIR"]
+    for d in (tmp_path / "empty", tmp_path / "missing"):
+        (tmp_path / "empty").mkdir(exist_ok=True)
+        r = cli("results", "--runs-dir", str(d))
+        assert r.returncode == 2 and "no complete runs in" in r.stderr and r.stdout == "", (r.stdout, r.stderr)
+
+
+def test_cli_imports_nothing_heavy_and_answers_fast():
+    code = "import sys, lipapers.repro; print(sorted({'torch', 'polars', 'papermill', 'lipapers.core', 'yaml'} & set(sys.modules)))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.stdout.strip() == "[]", r.stdout + r.stderr
+
+    def best(cmd, n=3):
+        ts = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            subprocess.run(cmd, capture_output=True, check=True)
+            ts.append(time.perf_counter() - t0)
+        return min(ts)
+
+    bare, helped = best([sys.executable, "-c", "pass"]), best([LIPAPERS, "--help"])
+    print(f"python -c pass {bare:.3f}s, lipapers --help {helped:.3f}s, ratio {helped / bare:.1f}")
+    assert helped / bare < 4, f"lipapers --help takes {helped / bare:.1f}x `python -c pass`"
+
+
+def test_cli_version_list_order_and_help_texts(capsys):
+    with pytest.raises(SystemExit):
+        repro.main(["--version"])
+    assert capsys.readouterr().out.strip().startswith("lipapers ")
+    names = list(repro.chapters(ROOT / "nbs"))
+    nums = [repro._order(repro.chapters(ROOT / "nbs")[n].path)[:2] for n in names]
+    assert nums == sorted(nums), names
+    ap = repro._parser()
+    sub = next(a for a in ap._actions if a.dest == "cmd")
+    for name, p in sub.choices.items():
+        for a in p._actions:
+            assert a.help, f"`lipapers {name}` option {a.option_strings or a.dest} has no help text"
+
+
+def _copy_toy(tmp_path):
+    nbs = tmp_path / "nbs"
+    import shutil
+
+    shutil.copytree(FIXTURES, nbs)
+    return nbs
+
+
+def test_stale_runs_override_runs_runs_and_clean(tmp_path, monkeypatch, capsys):
+    """A code change makes a complete run stale (re-run, not skipped; left out of results); an override run never
+    stands in for the default one; `lipapers runs` shows status and overrides; `clean` removes failed and stale."""
+    nbs = _copy_toy(tmp_path)
+    runs = tmp_path / "runs"
+    monkeypatch.setenv("LIPAPERS_NBS", str(nbs))
+    monkeypatch.setenv("LIPAPERS_RUNS", str(runs))
+    um = os.umask(0o022)
+    try:
+        d = repro.run("toy")
+        o = repro.run("toy", overrides=["n=2"])
+    finally:
+        os.umask(um)
+    assert (d.status, o.status) == ("complete", "complete")
+    for f in ("metrics.parquet", "complete.json", "executed.ipynb"):
+        assert (d.path / f).stat().st_mode & 0o777 == 0o644, f  # the user's umask, not mkstemp's 0600
+    latest = repro.results("toy", latest=True)
+    assert set(latest["run_id"]) == {d.run_id} and latest["default_run"].all()  # o is newer, but has overrides
+    assert set(repro.results("toy")["run_id"]) == {d.run_id, o.run_id}
+    assert repro.main(["runs", "toy"]) == 0
+    out = capsys.readouterr().out
+    assert '{"n": 2}' in out and out.count("complete") == 2, out
+    # change the chapter's code: both runs are now stale
+    f = nbs / "toy" / "01_toy.ipynb"
+    f.write_text(f.read_text().replace("if fail: 1 / 0", "if fail: 1 / 0  # changed"))
+    assert repro.results("toy").height == 0 and repro.results("toy", stale=True).height > 0
+    assert {r["status"] for r in repro.list_runs("toy")} == {"stale"}
+    assert [r["run_id"] for r in repro.clean("toy", dry_run=True)] and o.path.exists()
+    again = repro.run("toy")
+    assert again.status == "complete" and again.run_id == d.run_id, "a stale run is run again, not skipped"
+    assert repro.run("toy").status == "skipped"
+    gone = repro.clean("toy")
+    assert [r["run_id"] for r in gone] == [o.run_id] and not o.path.exists() and d.path.exists()
+
+
+def test_sweep_force_and_timeout_names_the_cell(env):
+    res = repro.sweep("toy", ["n=1"], progress=False)
+    assert [r.status for r in res] == ["complete"]
+    assert [r.status for r in repro.sweep("toy", ["n=1"], progress=False)] == ["skipped"]
+    assert [r.status for r in repro.sweep("toy", ["n=1"], progress=False, force=True)] == ["complete"]
+    r = repro.run("toy", overrides=["sleep=120", "n=1"], timeout=45)
+    assert r.status == "failed" and "TimeoutError" in r.error and "deadline of 45 s" in r.error, r.error
+    assert "failed in cell 4 (`rec = Recorder(\"toy\")`)" in r.error and " after 4" in r.error, r.error
+    assert not list(r.path.parent.glob(".*.tmp-*")) and (r.path / "error.json").exists()
+
+
+def test_sliced_shell_wait_recovers_a_lost_wakeup_and_watchdog_ends_an_idle_wait(monkeypatch):
+    """The shell wait returns a reply that a never-resolving (lost wake-up) wait would miss, and raises when the
+    kernel has been idle too long without replying."""
+    import asyncio
+    from queue import Empty
+
+    calls = []
+
+    async def get_msg(timeout=None):
+        calls.append(timeout)
+        if timeout is None:
+            await asyncio.sleep(3600)  # the lost wake-up: an unbounded wait never returns
+        if len(calls) < 3:
+            await asyncio.sleep(timeout)
+            raise Empty
+        return {"msg_type": "execute_reply"}
+
+    class Client:
+        _idle_at = None
+
+    got = asyncio.run(asyncio.wait_for(repro._sliced(Client(), get_msg)(timeout=None), 5))
+    assert got["msg_type"] == "execute_reply" and all(t is not None and t <= repro._SLICE for t in calls)
+
+    async def never(timeout=None):
+        await asyncio.sleep(timeout)
+        raise Empty
+
+    c = Client()
+    c._idle_at = time.monotonic()
+    monkeypatch.setattr(repro, "_IDLE_GRACE", 0.5)
+    with pytest.raises(TimeoutError, match="went idle"):
+        asyncio.run(asyncio.wait_for(repro._sliced(c, never)(timeout=None), 5))
+
+
+def test_explorers_never_hang_in_parallel_sweeps_on_a_busy_cpu(tmp_path):
+    """The hang reproduction: many ipywidgets explorer cells (before the fix, 3 of 6 such runs hung at an explorer under
+    load), with and without spawned processes earlier in the kernel, two kernels at a time, two busy-loop processes
+    keeping both cores full. Every run completes, and every kernel talked over ipc (no TCP ports to collide on)."""
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        t0 = time.time()
+        r = cli("sweep", "explorer", "-g", "n=1,2", "-g", "spawn=false,true", "-j", "2", "--timeout", "150",
+                env_vars={"LIPAPERS_NBS": str(EXPLORER), "LIPAPERS_RUNS": str(tmp_path / "runs")}, timeout=900)
+        print(f"explorer sweep: {time.time() - t0:.0f} s")
+    finally:
+        for b in busy:
+            b.kill()
+    assert r.returncode == 0 and "4 run, 0 already complete, 0 failed" in r.stdout, r.stdout + r.stderr[-3000:]
+    df = repro.results("explorer", tmp_path / "runs", nbs=EXPLORER)
+    assert df.filter(pl.col("metric") == "ipc")["value"].to_list() == [1.0] * 4
