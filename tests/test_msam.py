@@ -379,9 +379,9 @@ def _tiny_task(n=96, d=6, k=3, seed=0):
 
 def test_train_arm_curve_and_first_crossing_checkpoints():
     task = _tiny_task()
-    run = train_arm(task, "msam4", rho=0.05, lr=0.2, epochs=12, batch_size=16, width=32, seed=0)
+    run = train_arm(task, "msam4", rho=0.05, lr=0.2, epochs=10, batch_size=16, width=32, seed=0)
     curve = run["curve"]
-    assert [r["epoch"] for r in curve] == list(range(1, 13)) and len(run["step_seconds"]) == 12 * 6
+    assert [r["epoch"] for r in curve] == list(range(1, 11)) and len(run["step_seconds"]) == 10 * 6
     assert curve[-1]["train_loss"] < curve[0]["train_loss"]  # it trains
     losses = [r["train_loss"] for r in curve]
     assert set(run["ckpts"]) == {lv for lv in LOSS_LEVELS if min(losses) <= lv}
@@ -391,8 +391,11 @@ def test_train_arm_curve_and_first_crossing_checkpoints():
         assert math.isclose(loss, losses[epoch - 1], rel_tol=1e-6)  # the weights of that epoch, not later ones
     final_acc, final_loss = evaluate(run["model"], task["X"], task["Y"])
     assert math.isclose(final_acc, curve[-1]["train_acc"]) and math.isclose(final_loss, losses[-1])
+    sparse = train_arm(task, "sgd", rho=0.0, lr=0.2, epochs=6, batch_size=16, width=8, seed=0, eval_every=4)
+    assert ["test_acc" in r for r in sparse["curve"]] == [False, False, False, True, False, True]
+    assert len(curve_rows(sparse)) == 6 * 2 + 2 * 2
     # same seed, same arm: the same run
-    again = train_arm(task, "msam4", rho=0.05, lr=0.2, epochs=12, batch_size=16, width=32, seed=0)
+    again = train_arm(task, "msam4", rho=0.05, lr=0.2, epochs=10, batch_size=16, width=32, seed=0)
     assert [r["train_loss"] for r in again["curve"]] == losses
 
 
