@@ -12,7 +12,8 @@ from .core import project_root
 
 # %% auto #0
 __all__ = ['DERIVED_HEADER', 'site_config', 'derived_quarto_yml', 'sync_quarto_yml', 'sidebar', 'fix_markdown', 'plotly_html',
-           'translate', 'link_rewriter', 'build', 'check_links']
+           'clean_polars_html', 'page_title', 'translate', 'link_rewriter', 'latest_default_run', 'with_run_outputs',
+           'build', 'check_links']
 
 # %% ../nbs/04_docs.ipynb #9263bde1
 DERIVED_HEADER = "# GENERATED from ../_quarto.yml by `make docs` (lipapers.docs.build) — edit the top-level file instead.\n"
@@ -66,6 +67,35 @@ def _directives(src:str)->tuple:
         else: keep.append(line)
     return opts, "\n".join(keep).strip("\n")
 
+_SRC_LINK = re.compile(r"^(\[source\]\([^)]*\)(?:\{[^}]*\})?)\s*\n+\s*(#{2,4} [^\n]+)$", re.M)
+
+def _src(x): return "".join(x) if isinstance(x, list) else x
+
+def _is_polars(h)->bool: return "<small>shape: (" in _src(h)
+
+def _has_table(outs)->bool:
+    "Does a cell output show a table (HTML, or a Markdown pipe table)?"
+    for o in outs:
+        d = o.get("data", {})
+        if "<table" in _src(d.get("text/html", "")) or re.search(r"^\|[-:| ]+\|\s*$", _src(d.get("text/markdown", "")), re.M): return True
+    return False
+
+def clean_polars_html(h)->str:
+    "A polars frame's HTML as a plain table: no dtype row, no `shape:` line, strings without their quotes."
+    h = re.sub(r"<small>shape: \([^)]*\)</small>", "", _src(h))
+    h = re.sub(r"(<thead>.*?</tr>)\s*<tr>.*?</tr>", r"\1", h, count=1, flags=re.S)  # the second header row holds dtypes
+    return re.sub(r"<td>&quot;(.*?)&quot;</td>", r"<td>\1</td>", h)
+
+# %% ../nbs/04_docs.ipynb #d0c50003
+def page_title(title:str, description:str="")->str:
+    "Sidebar-friendly title: `repro` becomes `Repro: the reproduction runner` (module names read like the other titles)."
+    cap = lambda w: w.upper() if len(w) <= 2 else w[0].upper() + w[1:]
+    if re.fullmatch(r"[a-z_]+", title.strip()) and description:
+        clause = re.split(r"[:;,.—]", re.sub(r"[`*]", "", description), maxsplit=1)[0].strip()
+        return f"{cap(title.strip())}: {clause[0].lower() + clause[1:]}" if clause else cap(title.strip())
+    m = re.match(r"([a-z_]+): (.*)$", title)
+    return f"{cap(m.group(1))}: {m.group(2)}" if m else title
+
 # %% ../nbs/04_docs.ipynb #585e5bf1
 def translate(nb:dict, page:str, links, title:str|None=None)->dict:
     "Translate one nbdev-processed notebook for myst-nb; `page` names it (for unique figure ids)."
@@ -74,7 +104,7 @@ def translate(nb:dict, page:str, links, title:str|None=None)->dict:
         src = "".join(c["source"]) if isinstance(c["source"], list) else c["source"]
         if c["cell_type"] == "raw" and src.strip().startswith("---"):
             fm = yaml.safe_load(src.strip().strip("-")) or {}
-            md = f"# {fm.get('title', title or page)}\n\n" + (f"> {fm['description']}\n" if fm.get("description") else "")
+            md = f"# {page_title(fm.get('title', title or page), fm.get('description', ''))}\n\n" + (f"> {fm['description']}\n" if fm.get("description") else "")
             cells.append(dict(cell_type="markdown", metadata={}, source=md)); continue
         if c["cell_type"] == "markdown":
             cells.append(dict(c, source=fix_markdown(src, links))); continue
@@ -84,14 +114,18 @@ def translate(nb:dict, page:str, links, title:str|None=None)->dict:
         tags = list(c.get("metadata", {}).get("tags", []))
         if opts.get("echo") == "false" or not src.strip(): tags.append("remove-input")
         if opts.get("output") == "false": tags.append("remove-output")
+        if _has_table(c.get("outputs", [])) and "remove-input" not in tags: tags.append("hide-input")  # fold table code
         outs = []
         for j, o in enumerate(c.get("outputs", [])):
             o = copy.deepcopy(o); d = o.get("data", {})
             if "application/vnd.plotly.v1+json" in d:
                 o["data"] = {"text/html": plotly_html(d["application/vnd.plotly.v1+json"], f"fig-{re.sub(r'[^A-Za-z0-9]', '-', page)}-{i}-{j}")}
+            elif "text/html" in d and "text/markdown" not in d and _is_polars(d["text/html"]):
+                d["text/html"] = clean_polars_html(d["text/html"])
             elif "text/markdown" in d:
                 md = d["text/markdown"]; md = "".join(md) if isinstance(md, list) else md
                 md = re.sub(r"^---\s*$", "", md, flags=re.M)  # show_doc's rule: a transition docutils refuses inside output
+                md = _SRC_LINK.sub(r"\2\n\n\1", md)  # show_doc puts [source] above its heading: put it under
                 md = re.sub(r"^(#{2,4}) (\S+)\s*$", lambda m: f'<a id="{m.group(2).lower()}"></a>\n\n{m.group(1)} {m.group(2)}', md, flags=re.M)  # nbdev's symbol anchors
                 d["text/markdown"] = fix_markdown(md, links)
             outs.append(o)
@@ -107,12 +141,12 @@ def _source_pages(root:Path, out:Path)->None:
     from pygments import highlight
     from pygments.formatters import HtmlFormatter
     from pygments.lexers import PythonLexer
-    fmt = HtmlFormatter(linenos="table", lineanchors="L", anchorlinenos=True, full=True, title="")
+    fmt = HtmlFormatter(linenos="table", lineanchors="L", anchorlinenos=True, full=True, title="", encoding="utf-8")
     for pkg, rel in (("lipapers", "lipapers"), ("kernels", "lipapers/kernels")):
         for f in sorted((root/pkg).glob("*.py")):
             fmt.title = f"{rel}/{f.name}"
             dest = out/"_source"/rel/f"{f.name}.html"; dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_text(highlight(f.read_text(), PythonLexer(), fmt))
+            dest.write_bytes(highlight(f.read_text(), PythonLexer(), fmt))  # declares charset=utf-8 (not None)
 
 # %% ../nbs/04_docs.ipynb #b398e043
 def link_rewriter(page:str, outfile_map:dict, doc_host:str, git_url:str):
@@ -149,6 +183,33 @@ def _run_results_page(proc_nb:Path, cwd:Path):
     NotebookClient(book, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
     nbformat.write(book, proc_nb)
 
+# %% ../nbs/04_docs.ipynb #d0c50004
+def latest_default_run(ch, runs:Path)->Path|None:
+    "The newest complete default-parameter run of chapter `ch`'s `tiny` preset made by the current code, or None."
+    from lipapers.repro import code_version, _run_info
+    cur, best = code_version(ch), None
+    for d in (Path(runs)/ch.name/"tiny").glob("[0-9a-f]*"):
+        i = _run_info(d)
+        if i.get("code_version") == cur and i.get("default_run") and (best is None or i["finished"] > best[0]): best = (i["finished"], d)
+    return best[1] if best else None
+
+def with_run_outputs(nb:dict, run:Path, chapter:str)->dict:
+    "The run's outputs (and widget state) in place of the committed ones, cells matched by id, and a note naming the run."
+    from lipapers.repro import _run_info
+    ex = json.loads((Path(run)/"executed.ipynb").read_text())
+    outs = {c.get("id"): c.get("outputs", []) for c in ex["cells"] if c["cell_type"] == "code"}
+    nb = copy.deepcopy(nb)
+    for c in nb["cells"]:
+        if c["cell_type"] == "code" and c.get("id") in outs: c["outputs"] = outs[c["id"]]
+    if ex.get("metadata", {}).get("widgets"): nb.setdefault("metadata", {})["widgets"] = ex["metadata"]["widgets"]
+    info, env = _run_info(run), json.loads((Path(run)/"env.json").read_text())
+    note = (f":::{{note}}\nThis page shows run `{Path(run).name}` (finished {info.get('finished', '?')}, on "
+            f"{env.get('device_name') or env.get('device') or '?'}): the latest complete default run of this chapter on this machine, "
+            f"not the outputs committed with the notebook. `lipapers runs {chapter}` lists every run.\n:::\n")
+    at = 1 if nb["cells"] and nb["cells"][0]["cell_type"] == "raw" else 0
+    nb["cells"].insert(at, dict(cell_type="markdown", metadata={}, source=note))
+    return nb
+
 # %% ../nbs/04_docs.ipynb #8919b9a7
 _CONF = '''project = {title!r}
 html_title = {title!r}
@@ -181,12 +242,21 @@ def _static_assets(static:Path):
     from plotly.offline import get_plotlyjs
     static.mkdir(parents=True, exist_ok=True)
     (static/"plotly.min.js").write_text(get_plotlyjs())
-    (static/"lipapers.css").write_text(".plotly-graph-div{margin:1em 0} .cell_output .output.text_html{overflow-x:auto}\n")
+    (static/"lipapers.css").write_text(_CSS)
     share = Path(sys.prefix)/"share"/"lipapers"
     for name, sub in (("widgets", "html-manager/package/dist"), ("mathjax", "mathjax/package/es5")):
         src = share/sub
         if not src.exists(): raise FileNotFoundError(f"{src} missing: run `make setup` (it fetches it with `npm pack`)")
         shutil.copytree(src, static/name, dirs_exist_ok=True)
+
+# %% ../nbs/04_docs.ipynb #d0c50002
+_CSS = """.plotly-graph-div{margin:1em 0} .cell_output .output.text_html{overflow-x:auto}
+/* display equations: scroll sideways when too wide, never clip (the theme's container hides overflow) */
+div.math, .math-wrapper, mjx-container[display="true"]{overflow-x:auto; overflow-y:hidden; max-width:100%; padding:.25em 0}
+/* code wraps instead of scrolling sideways */
+div.highlight pre{white-space:pre-wrap; overflow-wrap:anywhere}
+.cell_output table{display:block; overflow-x:auto} .cell_output td, .cell_output th{white-space:normal; text-align:left}
+"""
 
 # %% ../nbs/04_docs.ipynb #fb89c4dd
 def build(root:Path|None=None, out:Path|None=None, strict:bool=True, quiet:bool=True)->Path:
@@ -200,6 +270,9 @@ def build(root:Path|None=None, out:Path|None=None, strict:bool=True, quiet:bool=
     proc = _nbdev_process(root)
     if (proc/"99_results.ipynb").exists(): _run_results_page(proc/"99_results.ipynb", root/"nbs")
     src = Path(tempfile.mkdtemp(prefix="lipapers-docs-"))
+    from lipapers.repro import chapters
+    runs = Path(os.environ.get("LIPAPERS_RUNS") or root/"runs")
+    chs = {str(c.path.relative_to(root/"nbs")): c for c in chapters(root/"nbs").values()}
     from nbdev.config import get_config
     ncfg = get_config(path=root)
     outfile = {}
@@ -210,16 +283,19 @@ def build(root:Path|None=None, out:Path|None=None, strict:bool=True, quiet:bool=
             if m: outfile[m.group(1).removesuffix(".html")] = p.removesuffix(".ipynb")
     for _, ps in sections:
         for p in ps:
-            page = p.removesuffix(".ipynb")
-            nb = translate(json.loads((proc/p).read_text()), page, link_rewriter(page, outfile, ncfg.doc_host, ncfg.git_url))
+            page, nb = p.removesuffix(".ipynb"), json.loads((proc/p).read_text())
+            if p in chs and (run := latest_default_run(chs[p], runs)): nb = with_run_outputs(nb, run, chs[p].name)
+            nb = translate(nb, page, link_rewriter(page, outfile, ncfg.doc_host, ncfg.git_url))
             if page == "index": nb["cells"].append(_toc_cell([s for s in sections if s[1] != ["index.ipynb"]]))
             (src/p).parent.mkdir(parents=True, exist_ok=True); (src/p).write_text(json.dumps(nb))
     _static_assets(src/"_static")
     (src/"conf.py").write_text(_CONF.format(title=cfg["website"]["title"], mathjax="mathjax/tex-chtml.js"))
-    if out.exists(): shutil.rmtree(out)
-    cmd = [sys.executable, "-m", "sphinx", "-b", "html", "-q", *(["-W", "--keep-going"] if strict else []), str(src), str(out)]
+    # build into the temporary folder (myst-nb writes `jupyter_execute/` beside the output), then move the site
+    cmd = [sys.executable, "-m", "sphinx", "-b", "html", "-q", *(["-W", "--keep-going"] if strict else []), str(src), str(src/"_build")]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0: raise RuntimeError(f"sphinx failed:\n{r.stderr[-5000:]}")
+    if out.exists(): shutil.rmtree(out)
+    shutil.move(str(src/"_build"), str(out))
     _source_pages(root, out)
     broken = check_links(out)
     if broken and strict: raise RuntimeError("broken internal links:\n" + "\n".join(broken[:30]))

@@ -416,7 +416,11 @@ def _child_env(tmp:Path, root:Path, rid:str)->dict:
     if shutil.which("nvidia-smi") is None: env.setdefault("TRITON_INTERPRET", "1")
     env.setdefault("PLOTLY_RENDERER", "plotly_mimetype")  # figures stored as JSON, not with 3 MB of plotly.js each
     env["PYTHONUNBUFFERED"] = "1"
+    for k, v in _POLARS.items(): env.setdefault(k, v)  # tables on pages: all rows, full text, no dtype row or shape line
     return env
+
+_POLARS = dict(POLARS_FMT_MAX_ROWS="100", POLARS_FMT_MAX_COLS="40", POLARS_FMT_STR_LEN="500",
+               POLARS_FMT_TABLE_HIDE_COLUMN_DATA_TYPES="1", POLARS_FMT_TABLE_HIDE_DATAFRAME_SHAPE_INFORMATION="1")
 
 def _umask_modes(d:Path):
     "Give every file of a run the user's umask (files made with `mkstemp` are 0600)."
@@ -616,10 +620,11 @@ def results(chapter:str|None=None, runs:str|Path|None=None, latest:bool=False, s
     if chapter is not None and not (root/chapter).is_dir():
         known = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))) if root.is_dir() else []
         raise UsageError(f"no runs of chapter {chapter!r} in {root}; chapters with runs: {', '.join(known) or '(none)'}")
-    cur, keep = _versions(root, nbs), {}
+    cur, keep = None, {}
     for ch, pre, d in _run_dirs(root, chapter):
         info = _run_info(d)
         if not info or not (d/"metrics.parquet").exists(): continue
+        cur = _versions(root, nbs) if cur is None else cur  # read the chapters only when there is a run to judge
         if not stale and info.get("code_version") != cur.get(ch, info.get("code_version")): continue
         if latest and (not info.get("default_run", True) or info["finished"] <= keep.get((ch, pre), ("",))[0]): continue
         keep[(ch, pre) if latest else d] = (info["finished"], d)
@@ -630,10 +635,9 @@ def results(chapter:str|None=None, runs:str|Path|None=None, latest:bool=False, s
 # %% ../nbs/01_repro.ipynb #d0e00002
 def list_runs(chapter:str|None=None, runs:str|Path|None=None, nbs=None)->list:
     "Every run as a dict: chapter, preset, run_id, status (complete, stale, failed, running, interrupted), finished, seconds, overrides."
-    root, out = runs_dir(runs), []
-    cur = _versions(root, nbs)
+    root, out, cur = runs_dir(runs), [], None
     for ch, pre, d in _run_dirs(root, chapter):
-        info = _run_info(d)
+        info, cur = _run_info(d), _versions(root, nbs) if cur is None else cur
         try: meta = json.loads((d/"params.json").read_text())
         except (OSError, ValueError): meta = {}
         st = "failed" if not info else "stale" if info.get("code_version") != cur.get(ch, info.get("code_version")) else "complete"

@@ -3,6 +3,7 @@ The site is built once (offline, strict: Sphinx warnings and broken internal lin
 and looked at; JupyterLab is started with a token, a chapter is run in it, and both servers are stopped."""
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -76,11 +77,35 @@ def wait_http(url, seconds=90):
     raise TimeoutError(url)
 
 
+FAKE_RUN = "f00dfeedbeef"
+
+
+def fake_msam_run(runs):
+    """A complete default run of msam made by the current code, whose outputs carry a marker: the page must show it."""
+    ch = repro.chapters(ROOT / "nbs")["msam"]
+    d = runs / "msam" / "tiny" / FAKE_RUN
+    d.mkdir(parents=True)
+    nb = json.loads(ch.path.read_text())
+    cell = next(c for c in nb["cells"] if c["cell_type"] == "code" and "parameters" in c.get("metadata", {}).get("tags", []))
+    cell["outputs"] = [{"output_type": "stream", "name": "stdout", "text": "MARKER-FROM-THE-RUN"}]
+    (d / "executed.ipynb").write_text(json.dumps(nb))
+    (d / "complete.json").write_text(json.dumps(dict(run_id=FAKE_RUN, seconds=1.0, finished="2026-12-05T08:00:00+0000",
+                                                     code_version=repro.code_version(ch), default_run=True, overrides={})))
+    (d / "env.json").write_text(json.dumps(dict(device_name="test-cpu")))
+
+
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     out = tmp_path_factory.mktemp("site")
+    runs = tmp_path_factory.mktemp("runs")
+    fake_msam_run(runs)
     t0 = time.time()
-    docs.build(ROOT, out)
+    old = os.environ.get("LIPAPERS_RUNS")
+    os.environ["LIPAPERS_RUNS"] = str(runs)
+    try:
+        docs.build(ROOT, out)
+    finally:
+        os.environ.pop("LIPAPERS_RUNS") if old is None else os.environ.__setitem__("LIPAPERS_RUNS", old)
     print(f"docs built in {time.time() - t0:.1f}s")
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(out)],
@@ -127,6 +152,22 @@ def test_every_sidebar_page_was_built_and_links_hold(site):
         assert not found, f"{f.relative_to(out)} shows Quarto markup {found}"
         assert 'class="c1">#|' not in f.read_text(), f"{f.relative_to(out)} shows a `#|` directive in a code cell"
     assert not (out / "_static" / "plotly.min.js").read_text().startswith("<"), "plotly.js is served locally"
+    assert not (ROOT / "jupyter_execute").exists() and not (out.parent / "jupyter_execute").exists(), "the build leaves no jupyter_execute/"
+    src = (out / "_source" / "lipapers" / "core.py.html").read_text()
+    assert "charset=utf-8" in src and "charset=None" not in src
+    for f in out.glob("**/*.html"):
+        if "_static" in f.parts or "_source" in f.relative_to(out).parts:
+            continue
+        h = f.read_text()
+        assert "<small>shape: (" not in h and not re.search(r"<thead>(?:(?!</thead>).)*<td>(str|f64|i64)</td>", h, re.S), f"{f.relative_to(out)} shows a raw polars frame"
+
+
+def test_chapter_page_is_built_from_the_latest_default_run(site):
+    out, _ = site
+    ch = repro.chapters(ROOT / "nbs")["msam"]
+    text = html_text(out / str(ch.path.relative_to(ROOT / "nbs")).replace(".ipynb", ".html"))
+    assert f"run {FAKE_RUN}" in text and "test-cpu" in text and "2026-12-05T08:00:00" in text, text[:2000]
+    assert "MARKER-FROM-THE-RUN" in (out / str(ch.path.relative_to(ROOT / "nbs")).replace(".ipynb", ".html")).read_text()
 
 
 @needs_browser
@@ -148,16 +189,51 @@ def test_chapter_page_in_a_real_browser(site, browser):
 
 
 @needs_browser
+def test_equations_code_and_api_entries_read_well(site, browser):
+    """No display equation is clipped (wide ones scroll), code blocks wrap instead of scrolling sideways, and a show_doc
+    source link sits under the heading it belongs to."""
+    out, base = site
+    for rel in ("ranking/30_lirank.html", "optim/50_msam.html", "00_core.html"):
+        if not (out / rel).exists():
+            continue
+        page, _ = open_page(browser, f"{base}/{rel}")
+        page.wait_for_timeout(1500)  # MathJax typesets after load
+        clipped = page.evaluate("""() => [...document.querySelectorAll('mjx-container[display="true"]')].filter(m => {
+            const s = getComputedStyle(m); return m.scrollWidth > m.clientWidth + 1 && !['auto', 'scroll'].includes(s.overflowX);
+          }).length""")
+        assert clipped == 0, f"{rel}: {clipped} display equations clipped"
+        wide = page.evaluate("""() => [...document.querySelectorAll('div.highlight pre')].filter(p => p.scrollWidth > p.clientWidth + 1).length""")
+        assert wide == 0, f"{rel}: {wide} code blocks scroll sideways"
+        above = page.evaluate("""() => [...document.querySelectorAll('a')].filter(a => a.textContent.trim() === 'source').filter(a => {
+            const block = a.closest('.cell_output'); const h = block && block.querySelector('h2, h3, h4');
+            return h && (a.compareDocumentPosition(h) & Node.DOCUMENT_POSITION_FOLLOWING); }).length""")
+        assert above == 0, f"{rel}: {above} source links sit above their heading"
+        page.close()
+
+
+@needs_browser
 def test_home_and_results_pages(site, browser):
     _, base = site
     page, requests = open_page(browser, f"{base}/index.html")
     assert "lipapers" in page.title()
     assert "make repro" in page.inner_text("main") and "make test" in page.inner_text("main")
+    hrefs = page.evaluate("() => [...document.querySelectorAll('main table a')].map(a => a.getAttribute('href'))")
+    assert any(h.endswith("50_msam.html") for h in hrefs) and any(h.startswith("http") for h in hrefs), hrefs
     page.close()
     page, requests = open_page(browser, f"{base}/99_results.html")
     page.wait_for_selector(".js-plotly-plot .main-svg", timeout=20000)
     assert not [u for u in requests if not u.startswith(base) and not u.startswith("data:")]
     page.close()
+
+
+def cmdlines():
+    out = []
+    for p in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            out.append(p.read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:
+            pass
+    return out
 
 
 @needs_browser
@@ -179,6 +255,10 @@ def test_jupyterlab_runs_a_chapter(browser, tmp_path):
         except Exception:
             page.screenshot(path=str(tmp_path / "lab-timeout.png"))
             raise
+        page.wait_for_timeout(3000)  # let the front end settle (kernel info, widget manager, metadata)
+        assert page.evaluate("() => window.jupyterapp.shell.currentWidget.context.model.dirty") is False, "the notebook shows as modified on open"
+        assert page.locator("text=Jupyter news").count() == 0, "the news pop-up appeared"
+        assert not [c for c in cmdlines() if token in c], "the JupyterLab token shows in the process list"
         page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
         # wait until every code cell has an execution count and the kernel is idle
         done = """() => { const nb = window.jupyterapp.shell.currentWidget; const ctx = nb.sessionContext;
