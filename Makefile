@@ -15,12 +15,16 @@ export PLOTLY_RENDERER ?= plotly_mimetype
 setup: $(STAMP)
 
 $(STAMP): requirements.txt requirements-nodeps.txt setup.py settings.ini
+	@echo "setup [1/5] virtual environment $(VENV)"
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "setup [2/5] Python packages from requirements.txt (about 4 minutes on a fresh machine; pip shows progress)"
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python -m pip install --progress-bar on -r requirements.txt | grep -E '^(Collecting|Successfully installed)' || true
+	@echo "setup [3/5] pinned packages without dependencies, and lipapers itself"
 	$(BIN)/python -m pip install -q --no-deps -r requirements-nodeps.txt
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	$(BIN)/python -m pip uninstall -q -y rfc3987-syntax  # optional dep of jupyter-events; costs ~2 s on every nbformat import
+	@echo "setup [4/5] apt packages ($(APT_PKGS)) and [5/5] offline web assets (MathJax, widget renderer)"
 	@missing=$$(for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
@@ -28,6 +32,7 @@ $(STAMP): requirements.txt requirements-nodeps.txt setup.py settings.ini
 	@for a in $(NPM_ASSETS); do pkg=$${a%:*}; dir=$(VENV)/share/lipapers/$${a#*:}; \
 	  if [ ! -d $$dir/package ]; then mkdir -p $$dir && (cd $$dir && npm pack -q $$pkg >/dev/null && tar xzf *.tgz && rm -f *.tgz); fi; done
 	@touch $(STAMP)
+	@echo "setup done: $(VENV) ready; next: make repro (every chapter, then the docs in _docs/) or make test"
 
 repro: setup
 	$(BIN)/lipapers repro
