@@ -17,9 +17,9 @@ setup: $(STAMP)
 $(STAMP): requirements.txt requirements-nodeps.txt setup.py settings.ini
 	@echo "setup [1/5] virtual environment $(VENV)"
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@echo "setup [2/5] Python packages from requirements.txt (about 4 minutes on a fresh machine; pip shows progress)"
+	@echo "setup [2/5] Python packages from requirements.txt (about 4 minutes on a fresh machine)"
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install --progress-bar on -r requirements.txt | grep -E '^(Collecting|Successfully installed)' || true
+	$(BIN)/python -m pip install --progress-bar off -r requirements.txt  # one line per package: progress, not silence
 	@echo "setup [3/5] pinned packages without dependencies, and lipapers itself"
 	$(BIN)/python -m pip install -q --no-deps -r requirements-nodeps.txt
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
