@@ -171,7 +171,7 @@ def small():
 
 def test_ig_completeness(small):
     _, mw, m = small
-    b = mw.take(torch.arange(64))
+    b = mw.take(torch.arange(24))
     ig = A.ig_credits(m, b.ch, b.tb, steps=256)
     with torch.no_grad():
         e, ctx = m.parts(b.ch, b.tb)
