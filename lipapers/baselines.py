@@ -50,21 +50,25 @@ def evaluate(y, scores:dict, # method name -> predicted probabilities (n,)
 
 # %% ../nbs/02b_baselines.ipynb #cf5364e1
 def popularity(items_train, y_train, items_test, alpha:float=20.0)->np.ndarray:
-    "Smoothed training engagement rate of each test item: (clicks + α·mean) / (impressions + α); unseen items get the mean."
-    it, y, te = np.asarray(items_train).astype(np.int64), np.asarray(y_train, np.float64), np.asarray(items_test).astype(np.int64)
+    "Smoothed training rate of each test item: (clicks + α·mean) / (impressions + α); unseen items get the mean."
+    it, te = np.asarray(items_train).astype(np.int64), np.asarray(items_test).astype(np.int64)
+    y = np.asarray(y_train, np.float64)
     if len(it) != len(y): raise ValueError(f"items_train ({len(it)}) and y_train ({len(y)}) differ in length")
     n = max(it.max(initial=-1), te.max(initial=-1)) + 1
     mu = y.mean()
-    s = (np.bincount(it, y, n) + alpha * mu) / (np.bincount(it, minlength=n) + alpha)
-    return s[te]
+    cnt = np.bincount(it, minlength=n)
+    s = (np.bincount(it, y, n) + alpha * mu) / np.maximum(cnt + alpha, 1e-12)
+    return np.where(cnt > 0, s, mu)[te]
 
+# %% ../nbs/02b_baselines.ipynb #23ef2699
 def fit_logistic(X, y, seed:int=0):
     "Standardised logistic regression (lbfgs, C=1)."
     return make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed)).fit(X, y)
 
+# %% ../nbs/02b_baselines.ipynb #69fc6bcb
 def fit_gbdt(X, y, seed:int=0, n_threads:int=1, # OpenMP threads: 1 avoids oversubscription on shared machines
              **kw):
-    "sklearn `HistGradientBoostingClassifier`: ≤ 300 trees of ≤ 15 leaves (≥ 100 rows each), learning rate 0.05, early stopping on 10 %."
+    "sklearn `HistGradientBoostingClassifier`: ≤ 300 trees of ≤ 15 leaves (≥ 100 rows), rate 0.05, early stopping."
     from threadpoolctl import threadpool_limits
     kw = dict(max_iter=300, learning_rate=0.05, max_leaf_nodes=15, min_samples_leaf=100, early_stopping=True,
               validation_fraction=0.1, n_iter_no_change=10, random_state=seed) | kw
@@ -81,9 +85,12 @@ def ranking_baselines(X_train, y_train, X_test, y_test, # observable features (n
     if bad := set(methods) - set(METHODS): raise ValueError(f"unknown methods {sorted(bad)}; valid: {METHODS}")
     Xtr, ytr = _check_xy(X_train, y_train, "train"); Xte, yte = _check_xy(X_test, y_test, "test")
     if Xtr.shape[1] != Xte.shape[1]: raise ValueError(f"train has {Xtr.shape[1]} features, test has {Xte.shape[1]}")
-    if "popularity" in methods and (items_train is None or items_test is None): raise ValueError("popularity needs items_train and items_test")
-    if "oracle" in methods and oracle is None: raise ValueError("oracle needs the test rows' true probabilities (oracle=...)")
-    fits = {"popularity": lambda: popularity(items_train, ytr, items_test), "oracle": lambda: np.asarray(oracle, np.float64),
+    if "popularity" in methods and (items_train is None or items_test is None):
+        raise ValueError("popularity needs items_train and items_test")
+    if "oracle" in methods and oracle is None:
+        raise ValueError("oracle needs the test rows' true probabilities (oracle=...)")
+    fits = {"popularity": lambda: popularity(items_train, ytr, items_test),
+            "oracle": lambda: np.asarray(oracle, np.float64),
             "logistic_regression": lambda: fit_logistic(Xtr, ytr, seed).predict_proba(Xte)[:, 1],
             "gbdt": lambda: fit_gbdt(Xtr, ytr, seed, **(gbdt_kw or {})).predict_proba(Xte)[:, 1]}
     scores, secs = {}, {}

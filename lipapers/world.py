@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Iterator
 import numpy as np
 import polars as pl
-from . import baselines  # the shared ranking baselines, also reachable as lipapers.world.baselines
 
 # %% auto #0
 __all__ = ['SENIORITY', 'INDUSTRIES', 'ROLES', 'CITIES', 'POST_TYPES', 'SOURCES', 'START_EPOCH', 'SKILL_WORDS', 'SKILL_LEVELS',
@@ -32,11 +31,13 @@ INDUSTRIES = ["Software", "Finance", "Healthcare", "Education", "Retail", "Manuf
 ROLES = ["Engineer", "Analyst", "Nurse", "Teacher", "Merchandiser", "Technician", "Producer", "Consultant",
          "Geologist", "Officer", "Planner", "Host"]
 CITIES = ["New York", "San Francisco", "London", "Bangalore", "Toronto", "Berlin", "Paris", "Sydney", "Singapore",
-          "Dublin", "Chicago", "Austin", "Seattle", "Amsterdam", "Sao Paulo", "Tokyo", "Dubai", "Madrid", "Boston", "Zurich"]
+          "Dublin", "Chicago", "Austin", "Seattle", "Amsterdam", "Sao Paulo", "Tokyo", "Dubai", "Madrid", "Boston",
+          "Zurich"]
 POST_TYPES = ["text", "image", "video", "article"]
 SOURCES = ["network", "topic", "random"]
 START_EPOCH = 1_767_225_600  # 2026-01-01 00:00 UTC: time 0 of the simulation
 
+# %% ../nbs/02a_world.ipynb #621e08c7
 SKILL_WORDS = ["Python", "SQL", "Negotiation", "Forecasting", "Welding", "Pharmacology", "Curriculum", "Logistics",
                "Accounting", "Design", "Statistics", "Sales", "Networking", "Compliance", "Editing", "Surveying",
                "Robotics", "Nutrition", "Auditing", "Recruiting"]
@@ -48,7 +49,9 @@ def skill_name(i:int)->str:
     return f"{SKILL_LEVELS[(i // len(SKILL_WORDS)) % len(SKILL_LEVELS)]} {SKILL_WORDS[i % len(SKILL_WORDS)]}" + (
         f" {i // (len(SKILL_WORDS) * len(SKILL_LEVELS)) + 1}" if i >= len(SKILL_WORDS) * len(SKILL_LEVELS) else "")
 
-# %% ../nbs/02a_world.ipynb #621e08c7
+
+
+# %% ../nbs/02a_world.ipynb #8bd7afd6
 @dataclass(frozen=True)
 class WorldConfig:
     "All sizes and generative assumptions of the synthetic world (logit-scale effects)."
@@ -68,7 +71,8 @@ class WorldConfig:
     rep_topic:float=-0.35; rep_author:float=-0.7; recency:float=-0.5; type_effects:tuple=(0.0, 0.2, 0.3, -0.2)
     eta:float=0.8               # position bias: P(examine slot k) = k^-eta
     like_offset:float=-1.5; comment_offset:float=-3.5; dismiss_offset:float=-4.0; dwell_affinity:float=2.0
-    # job click logit: j0 + skill·overlap + seniority·|Δ| + location·1[same] + industry·1[same] + job_affinity·cos + company attractiveness
+    # job click logit: j0 + skill·overlap + seniority·|Δ| + location·1[same] + industry·1[same] + job_affinity·cos
+    #   + company attractiveness
     j0:float=-2.0; skill:float=2.5; seniority:float=-0.6; location:float=1.0; industry:float=0.7; job_affinity:float=1.5
     apply_offset:float=-1.8; hire_b0:float=-3.0; hire_skill:float=3.0; hire_seniority:float=-1.0
     # v2 structure knobs (issue 14): each "off" value (the default) reproduces the v1 world draw for draw
@@ -80,29 +84,37 @@ class WorldConfig:
     heterogeneity:float=0.0     # scale of per-member random coefficients on the observable features
     activity_skew:float=0.0     # log-activity sd = 1 + activity_skew: heavier-tailed interactions per member
     slate_effects:float=0.0     # scale of the within-slate effects SLATE_TERMS (repeats, diversity, fatigue)
-    exposure:str="sourced"      # "sourced": v1 candidate mix ordered by the logging policy; "uniform": random items, random order
+    exposure:str="sourced"      # "sourced": v1 candidates, logging-policy order; "uniform": random items and order
     share_offset:float=-4.5     # share logit offset (the share task, new in v2)
     hire_merit:float=0.0        # recruiter side: weight of a hidden member merit in the hire logit
     history_per_member:float=20.0 # mean events per member in the canonical history log behind `history_before`
 
-    def __post_init__(self):
-        for k in ("n_members", "n_companies", "n_jobs", "n_posts", "n_topics", "n_skills", "n_industries", "n_locations", "dim", "max_position"):
-            v = getattr(self, k)
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1: raise ValueError(f"{k} must be a positive int, got {v!r}")
-        for k in ("mean_degree", "session_len", "horizon_days", "post_age_days", "eta", "log_noise"):
-            if not getattr(self, k) >= 0: raise ValueError(f"{k} must be >= 0, got {getattr(self, k)!r}")
-        if self.session_len < 1: raise ValueError(f"session_len must be >= 1, got {self.session_len}")
-        for k in ("feed_sources", "job_sources"):
-            p = np.asarray(getattr(self, k), float)
-            if p.shape != (3,) or (p < 0).any() or (p > 1).any() or abs(p.sum() - 1) > 1e-9:
-                raise ValueError(f"{k} must be 3 probabilities in [0, 1] summing to 1 ({SOURCES} / location, industry, random), got {getattr(self, k)}")
-        if len(self.type_effects) != len(POST_TYPES): raise ValueError(f"type_effects needs {len(POST_TYPES)} values for {POST_TYPES}")
-        if self.n_members < 2: raise ValueError("n_members must be >= 2 to have connections")
-        _check_knobs(self)
+    def __post_init__(self): _check_config(self); _check_knobs(self)
+
+# %% ../nbs/02a_world.ipynb #d31b20f9
+def _check_config(self:WorldConfig):
+    "Raise a ValueError naming the first size or v1 field outside its valid range."
+    for k in ("n_members", "n_companies", "n_jobs", "n_posts", "n_topics", "n_skills", "n_industries",
+              "n_locations", "dim", "max_position"):
+        v = getattr(self, k)
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{k} must be a positive int, got {v!r}")
+    for k in ("mean_degree", "session_len", "horizon_days", "post_age_days", "eta", "log_noise"):
+        if not getattr(self, k) >= 0: raise ValueError(f"{k} must be >= 0, got {getattr(self, k)!r}")
+    if self.session_len < 1: raise ValueError(f"session_len must be >= 1, got {self.session_len}")
+    for k in ("feed_sources", "job_sources"):
+        p = np.asarray(getattr(self, k), float)
+        if p.shape != (3,) or (p < 0).any() or (p > 1).any() or abs(p.sum() - 1) > 1e-9:
+            raise ValueError(f"{k} must be 3 probabilities in [0, 1] summing to 1 ({SOURCES} / location, "
+                             f"industry, random), got {getattr(self, k)}")
+    if len(self.type_effects) != len(POST_TYPES):
+        raise ValueError(f"type_effects needs {len(POST_TYPES)} values for {POST_TYPES}")
+    if self.n_members < 2: raise ValueError("n_members must be >= 2 to have connections")
 
 # %% ../nbs/02a_world.ipynb #ab5d63ce
 KNOBS = {  # name: (off value, valid range, check)
-    "cross_strength": (0.0, ">= 0", lambda v: v >= 0), "n_interests": (1, "an int >= 1", lambda v: _is_int(v) and v >= 1),
+    "cross_strength": (0.0, ">= 0", lambda v: v >= 0),
+    "n_interests": (1, "an int >= 1", lambda v: _is_int(v) and v >= 1),
     "interest_temp": (0.1, "> 0", lambda v: v > 0), "drift": (0.0, ">= 0", lambda v: v >= 0),
     "task_corr": (1.0, "in [0, 1]", lambda v: 0 <= v <= 1), "heterogeneity": (0.0, ">= 0", lambda v: v >= 0),
     "activity_skew": (0.0, ">= 0", lambda v: v >= 0), "slate_effects": (0.0, ">= 0", lambda v: v >= 0),
@@ -111,6 +123,7 @@ KNOBS = {  # name: (off value, valid range, check)
 
 def _is_int(v): return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
+# %% ../nbs/02a_world.ipynb #08e6e3dc
 def _check_knobs(c):
     "Raise a ValueError naming the first knob outside its valid range."
     for k, (_, rng_txt, ok) in KNOBS.items():
@@ -124,29 +137,45 @@ def _norm(x:np.ndarray)->np.ndarray:
     "Rows scaled to unit length."
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
+# %% ../nbs/02a_world.ipynb #8340b664
 def _sigmoid(z): return 1.0 / (1.0 + np.exp(-z))
 
+
+
+# %% ../nbs/02a_world.ipynb #596935a4
 def _zipf(n:int, s:float=1.0)->np.ndarray:
     "Zipf probabilities over `n` categories."
     w = 1.0 / np.arange(1, n + 1) ** s
     return w / w.sum()
 
+
+
+# %% ../nbs/02a_world.ipynb #049d300e
 def _row_sample(rng, cdf:np.ndarray, rows:np.ndarray)->np.ndarray:
     "One category per entry of `rows`, drawn from the row-wise cumulative distributions `cdf[rows]`."
     u = rng.random(len(rows))[:, None] * cdf[rows, -1:]
     return np.minimum((cdf[rows] < u).sum(1), cdf.shape[1] - 1)
 
+
+
+# %% ../nbs/02a_world.ipynb #d821527c
 def _csr(keys:np.ndarray, n:int)->tuple[np.ndarray, np.ndarray]:
     "Group item indices by integer key: `(indptr, order)` so that `order[indptr[k]:indptr[k+1]]` have key k."
     order = np.argsort(keys, kind="stable")
     return np.concatenate([[0], np.cumsum(np.bincount(keys, minlength=n))]), order
 
+
+
+# %% ../nbs/02a_world.ipynb #a7e1dd8b
 def _pick(rng, indptr, order, keys:np.ndarray)->np.ndarray:
     "A uniformly random member of group `keys[i]` for each i, or -1 when the group is empty."
     lo, cnt = indptr[keys], indptr[keys + 1] - indptr[keys]
     j = lo + (rng.random(len(keys)) * cnt).astype(np.int64)
     return np.where(cnt > 0, order[np.minimum(j, len(order) - 1)], -1)
 
+
+
+# %% ../nbs/02a_world.ipynb #e2501726
 def _redraw_dups(rng, sess:np.ndarray, item:np.ndarray, src:np.ndarray, n_items:int, tries:int=20):
     "Redraw uniformly (source 2, random) any item already shown earlier in the same session; in place."
     for _ in range(tries):
@@ -154,6 +183,10 @@ def _redraw_dups(rng, sess:np.ndarray, item:np.ndarray, src:np.ndarray, n_items:
         if len(dup) == 0: return
         item[dup], src[dup] = rng.integers(0, n_items, len(dup)), 2
 
+
+
+
+# %% ../nbs/02a_world.ipynb #58547492
 def _cumcount(*keys:np.ndarray)->np.ndarray:
     "For rows in their current order: how many earlier rows share all `keys`."
     n = len(keys[0])
@@ -164,26 +197,35 @@ def _cumcount(*keys:np.ndarray)->np.ndarray:
     out = np.empty(n, np.int64); out[o] = np.arange(n) - start
     return out
 
+
+
 # %% ../nbs/02a_world.ipynb #562cd526
 class World:
     "A generated professional network: entity frames plus the hidden arrays that define the true probabilities."
     def __init__(self, cfg:WorldConfig): self.cfg = cfg; self._build()
     def __repr__(self):
         c = self.cfg
-        return f"World(seed={c.seed}, members={c.n_members}, companies={c.n_companies}, jobs={c.n_jobs}, posts={c.n_posts}, connections={self.connections.height})"
+        return (f"World(seed={c.seed}, members={c.n_members}, companies={c.n_companies}, jobs={c.n_jobs}, "
+                f"posts={c.n_posts}, connections={self.connections.height})")
 
     @classmethod
     def generate(cls, seed:int=0, # seed for the entities (impressions derive their seeds from it too)
                  **kwargs)->World:
         "Generate a world; `kwargs` are `WorldConfig` fields."
         bad = set(kwargs) - set(WorldConfig.__dataclass_fields__)
-        if bad: raise TypeError(f"unknown WorldConfig field(s) {sorted(bad)}; valid: {sorted(WorldConfig.__dataclass_fields__)}")
-        if not isinstance(seed, (int, np.integer)) or seed < 0: raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        if bad:
+            raise TypeError(f"unknown WorldConfig field(s) {sorted(bad)}; "
+                            f"valid: {sorted(WorldConfig.__dataclass_fields__)}")
+        if not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         return cls(WorldConfig(seed=int(seed), **kwargs))
 
 # %% ../nbs/02a_world.ipynb #7a8452fd
 def _names(base:list, n:int, prefix:str)->list: return [base[i] if i < len(base) else f"{prefix} {i}" for i in range(n)]
 
+
+
+# %% ../nbs/02a_world.ipynb #0606919a
 def _build(self:World):
     "Draw all entities (assumptions 1-6 above)."
     c = self.cfg; rng = np.random.default_rng([c.seed, 0])
@@ -201,9 +243,10 @@ def _build(self:World):
     self._members(rng); self._connections(rng); self._posts(rng); self._jobs(rng); self._v2(); self._frames()
 World._build = _build
 
-# %% ../nbs/02a_world.ipynb #a04a7a95
+# %% ../nbs/02a_world.ipynb #9b8962d3
 def _skills(rng, cdf:np.ndarray, groups:np.ndarray, k:np.ndarray, S:int)->np.ndarray:
-    "Multi-hot (n, S) bool skills: `k[i]` draws from the cumulative skill distribution `cdf[groups[i]]` (duplicates merge)."
+    ("Multi-hot (n, S) bool skills: `k[i]` draws from the cumulative skill distribution `cdf[groups[i]]` "
+     "(duplicates merge).")
     n, K = len(groups), int(k.max()) if len(k) else 0
     hot = np.zeros((n, S), bool)
     draws = np.empty((n, K), np.int64)
@@ -214,6 +257,9 @@ def _skills(rng, cdf:np.ndarray, groups:np.ndarray, k:np.ndarray, S:int)->np.nda
     hot[rows, draws[rows, cols]] = True
     return hot
 
+
+
+# %% ../nbs/02a_world.ipynb #cef05f9e
 def _members(self:World, rng):
     "Assumption 3: members with industry, city, seniority, employer, activity, interests, skills and history."
     c = self.cfg; n, G, L, T = c.n_members, c.n_industries, c.n_locations, c.n_topics
@@ -228,6 +274,8 @@ def _members(self:World, rng):
     self.m_skills = _skills(rng, self.ind_skill_cdf, self.m_ind, 3 + rng.poisson(4, n), c.n_skills)
     self.hist_len = np.ceil(self.m_act * np.exp(rng.normal(math.log(20), 1, n))).astype(np.int64)
     self.hist = rng.multinomial(self.hist_len, self.theta).astype(np.int32)  # (n, T) past engagements by topic
+
+# %% ../nbs/02a_world.ipynb #811e3b7b
 World._members = _members
 
 def _dirichlet_rows(rng, alpha:np.ndarray)->np.ndarray:
@@ -235,7 +283,9 @@ def _dirichlet_rows(rng, alpha:np.ndarray)->np.ndarray:
     g = rng.standard_gamma(alpha)
     return g / g.sum(1, keepdims=True)
 
-# %% ../nbs/02a_world.ipynb #0606919a
+
+
+# %% ../nbs/02a_world.ipynb #76c0f0fd
 def _connections(self:World, rng):
     "Assumption 4: homophilous undirected connections, stored as a sorted edge list and a CSR adjacency."
     c = self.cfg; n = c.n_members
@@ -255,6 +305,8 @@ def _connections(self:World, rng):
     self.edge_keys = np.sort(both)  # directed keys m*n+v for membership tests
     self.adj_ptr, self.adj = _csr((both // n).astype(np.int64), n)
     self.adj = (both % n)[self.adj]
+
+# %% ../nbs/02a_world.ipynb #d9fbad32
 World._connections = _connections
 
 def _is_conn(self:World, m:np.ndarray, v:np.ndarray)->np.ndarray:
@@ -265,7 +317,7 @@ def _is_conn(self:World, m:np.ndarray, v:np.ndarray)->np.ndarray:
     return self.edge_keys[i] == key
 World._is_conn = _is_conn
 
-# %% ../nbs/02a_world.ipynb #9b8962d3
+# %% ../nbs/02a_world.ipynb #e95acfc5
 def _posts(self:World, rng):
     "Assumption 5: posts with author, topic, type, creation time, content embedding and hidden quality."
     c = self.cfg; P = c.n_posts
@@ -278,6 +330,8 @@ def _posts(self:World, rng):
     self.q = rng.standard_normal(P)
     self.by_author = _csr(self.p_author, c.n_members)
     self.by_topic = _csr(self.p_topic, c.n_topics)
+
+# %% ../nbs/02a_world.ipynb #b2257da8
 World._posts = _posts
 
 def _jobs(self:World, rng):
@@ -293,12 +347,15 @@ def _jobs(self:World, rng):
     self.jobs_by_loc, self.jobs_by_ind = _csr(self.j_loc, c.n_locations), _csr(self.j_ind, c.n_industries)
 World._jobs = _jobs
 
-# %% ../nbs/02a_world.ipynb #974033d0
+# %% ../nbs/02a_world.ipynb #9383a134
 def _lists(hot:np.ndarray)->list:
     "Indices of the True entries of each row."
     r, cidx = np.nonzero(hot)
     return np.split(cidx.astype(np.int32), np.cumsum(np.bincount(r, minlength=hot.shape[0]))[:-1])
 
+
+
+# %% ../nbs/02a_world.ipynb #3481e46d
 def _frames(self:World):
     "Public polars frames of the entities (hidden quantities are prefixed `true_`)."
     c = self.cfg
@@ -311,19 +368,26 @@ def _frames(self:World):
         "title": [f"{SENIORITY[s]} {roles[g]}" for s, g in zip(self.m_sen, self.m_ind)],
         "company_id": self.m_comp.astype(np.int32), "activity": self.m_act, "history_len": self.hist_len,
         "skills": _lists(self.m_skills), "skill_embedding": emb(self.m_skill_emb), "true_interest": emb(self.u)})
-    self.companies = pl.DataFrame({"company_id": np.arange(c.n_companies, dtype=np.int32), "industry": [ind[i] for i in self.c_ind],
-                                   "location": [cities[i] for i in self.c_loc], "size": self.c_size, "true_attractiveness": self.c_attr})
+    self.companies = pl.DataFrame({"company_id": np.arange(c.n_companies, dtype=np.int32),
+                                   "industry": [ind[i] for i in self.c_ind],
+                                   "location": [cities[i] for i in self.c_loc],
+                                   "size": self.c_size, "true_attractiveness": self.c_attr})
     self.jobs = pl.DataFrame({"job_id": np.arange(c.n_jobs, dtype=np.int32), "company_id": self.j_comp.astype(np.int32),
                               "industry": [ind[i] for i in self.j_ind], "location": [cities[i] for i in self.j_loc],
-                              "seniority": self.j_sen.astype(np.int8), "skills": _lists(self.j_skills), "embedding": emb(self.j_emb),
+                              "seniority": self.j_sen.astype(np.int8), "skills": _lists(self.j_skills),
+                              "embedding": emb(self.j_emb),
                               "title": [f"{SENIORITY[s]} {roles[g]}" for s, g in zip(self.j_sen, self.j_ind)],
                               "family": [roles[g] for g in self.j_ind]})
-    self.posts = pl.DataFrame({"post_id": np.arange(c.n_posts, dtype=np.int32), "author_id": self.p_author.astype(np.int32),
-                               "topic": self.p_topic.astype(np.int16), "post_type": pl.Series([POST_TYPES[t] for t in self.p_type]),
+    self.posts = pl.DataFrame({"post_id": np.arange(c.n_posts, dtype=np.int32),
+                               "author_id": self.p_author.astype(np.int32),
+                               "topic": self.p_topic.astype(np.int16),
+                               "post_type": pl.Series([POST_TYPES[t] for t in self.p_type]),
                                "created_hours": self.p_created, "embedding": emb(self.e), "true_quality": self.q})
-    self.connections = pl.DataFrame({"member_a": self.edges[:, 0].astype(np.int32), "member_b": self.edges[:, 1].astype(np.int32)})
+    self.connections = pl.DataFrame({"member_a": self.edges[:, 0].astype(np.int32),
+                                     "member_b": self.edges[:, 1].astype(np.int32)})
     self.skills = pl.DataFrame({"skill_id": np.arange(c.n_skills, dtype=np.int32), "embedding": emb(self.skill_emb),
-                                "name": [skill_name(i) for i in range(c.n_skills)], "category": [ind[g] for g in self.skill_cat]})
+                                "name": [skill_name(i) for i in range(c.n_skills)],
+                                "category": [ind[g] for g in self.skill_cat]})
     r, t = np.nonzero(self.hist)
     self.history = pl.DataFrame({"member_id": r.astype(np.int32), "topic": t.astype(np.int16), "n": self.hist[r, t]})
 World._frames = _frames
@@ -368,7 +432,8 @@ def _v2(self:World):
         for pre, names, emb in (("", FEED_TASKS, self.e), ("job_", JOB_TASKS, self.j_emb)):
             Rs = [np.linalg.qr(r.standard_normal((d, d)))[0] for _ in names]
             self.e_task[pre] = np.stack([emb @ R.T for R in Rs], 1).astype(np.float32)  # (items, tasks, d)
-            for k in names: self.q_task[pre + k] = r.normal(0, 0.5, c.n_companies) if pre else r.standard_normal(c.n_posts)
+            for k in names:
+                self.q_task[pre + k] = r.normal(0, 0.5, c.n_companies) if pre else r.standard_normal(c.n_posts)
     if c.heterogeneity > 0:
         r = g(4); self.het_feed, self.het_job = r.standard_normal((n, 4)), r.standard_normal((n, 4))
 World._v2 = _v2
@@ -384,6 +449,8 @@ def _protos(self:World, m:np.ndarray, t_hours, first:bool=False)->np.ndarray:
     j = np.minimum(f.astype(np.int64), DRIFT_KNOTS - 1); w = (f - j)[:, None]
     W = (1 - w) * self.walk[m, j] + w * self.walk[m, j + 1]
     return _norm(U + c.drift * W[:, None])
+
+# %% ../nbs/02a_world.ipynb #e38e37d9
 World._protos = _protos
 
 def affinity(self:World, member_ids, post_ids, t_hours=0.0,
@@ -398,9 +465,12 @@ def affinity(self:World, member_ids, post_ids, t_hours=0.0,
     return tau * (np.logaddexp.reduce(cos / tau, axis=1) - math.log(cos.shape[1]))
 World.affinity = affinity
 
-# %% ../nbs/02a_world.ipynb #e38e37d9
+# %% ../nbs/02a_world.ipynb #034d2d23
 def _hour(t_hours): return (np.round(np.asarray(t_hours) * 3600) // 3600) % 24
 
+
+
+# %% ../nbs/02a_world.ipynb #7f256af3
 def _feed_cross(self:World, m, post, t_hours, conn, age)->np.ndarray:
     "Σ β·x of the feed `CROSS_TERMS` (before κ)."
     s, ty = (self.m_sen[m] - 3) / 3, np.asarray(TYPE_CROSS)[self.p_type[post]]
@@ -409,6 +479,8 @@ def _feed_cross(self:World, m, post, t_hours, conn, age)->np.ndarray:
     b = {k: v[0] for k, v in CROSS_TERMS.items()}
     return (b["seniority_x_type"] * s * ty + b["industry_x_topic_x_hour"] * (2 * match - 1) * (2 * work - 1)
             + b["connection_x_fresh"] * (2 * conn - 1) * (2 * (age < 24) - 1))
+
+# %% ../nbs/02a_world.ipynb #beb3124e
 World._feed_cross = _feed_cross
 
 def _job_cross(self:World, m, ov, gap, sl, si)->np.ndarray:
@@ -416,6 +488,8 @@ def _job_cross(self:World, m, ov, gap, sl, si)->np.ndarray:
     b, s = {k: v[0] for k, v in CROSS_TERMS.items()}, (self.m_sen[m] - 3) / 3
     return (b["overlap_x_gap"] * (ov - 0.5) * (gap - 1) + b["location_x_industry"] * (2 * sl - 1) * (2 * si - 1)
             + b["seniority_x_industry_x_overlap"] * s * (2 * si - 1) * (ov - 0.5))
+
+# %% ../nbs/02a_world.ipynb #2f7b3ac0
 World._job_cross = _job_cross
 
 def _slate_terms(rep_t, rep_a, pos)->np.ndarray:
@@ -423,6 +497,8 @@ def _slate_terms(rep_t, rep_a, pos)->np.ndarray:
     S = SLATE_TERMS
     return (S["rep_topic"] * rep_t + S["rep_author"] * rep_a + S["diversity"] * ((rep_t == 0) & (pos > 1))
             + S["fatigue"] * (pos - 1))
+
+
 
 # %% ../nbs/02a_world.ipynb #f83bb37c
 def _tasks(self:World, z, lat, m, items, t_hours, prefix="", u0=None)->dict:
@@ -443,14 +519,17 @@ World._tasks = _tasks
 # %% ../nbs/02a_world.ipynb #bab04303
 BLOCK_SESSIONS = 4096  # sessions per generation block: the unit of seeding, independent of chunk_size
 
-FEED_SCHEMA = {"session_id": pl.Int64, "member_id": pl.Int32, "post_id": pl.Int32, "author_id": pl.Int32, "topic": pl.Int16,
+FEED_SCHEMA = {"session_id": pl.Int64, "member_id": pl.Int32, "post_id": pl.Int32, "author_id": pl.Int32,
+    "topic": pl.Int16,
     "post_type": pl.Int8, "position": pl.Int16, "timestamp": pl.Int64, "age_hours": pl.Float32, "source": pl.Int8,
     "is_connection": pl.Boolean, "history_topic": pl.Int32, "rep_topic": pl.Int16, "rep_author": pl.Int16,
-    "true_affinity": pl.Float32, "true_logit": pl.Float32, "p_exam": pl.Float32, "p_click": pl.Float32, "p_like": pl.Float32,
+    "true_affinity": pl.Float32, "true_logit": pl.Float32, "p_exam": pl.Float32, "p_click": pl.Float32,
+    "p_like": pl.Float32,
     "p_comment": pl.Float32, "p_long_dwell": pl.Float32, "p_dismiss": pl.Float32,
     "click": pl.Int8, "like": pl.Int8, "comment": pl.Int8, "long_dwell": pl.Int8, "dismiss": pl.Int8,
     "p_share": pl.Float32, "share": pl.Int8, "propensity": pl.Float32}  # v2 columns last
 
+# %% ../nbs/02a_world.ipynb #8f80e4db
 def _sessions(self:World, rng, n:int):
     "Members, start hours and lengths of `n` sessions, and the per-impression session index and position order."
     c = self.cfg
@@ -459,6 +538,8 @@ def _sessions(self:World, rng, n:int):
     L = np.minimum(rng.geometric(1 / c.session_len, n), c.max_position)
     t = rng.uniform(0, c.horizon_days * 24, n)
     return m, L, t, np.repeat(np.arange(n), L)
+
+# %% ../nbs/02a_world.ipynb #a63930e4
 World._sessions = _sessions
 
 def _order(rng, sess:np.ndarray, score:np.ndarray, noise:float)->tuple[np.ndarray, np.ndarray]:
@@ -468,7 +549,9 @@ def _order(rng, sess:np.ndarray, score:np.ndarray, noise:float)->tuple[np.ndarra
     pos = _cumcount(sess[o]) + 1
     return o, pos
 
-# %% ../nbs/02a_world.ipynb #8f80e4db
+
+
+# %% ../nbs/02a_world.ipynb #8042ffe5
 def _feed_block(self:World, stream:int, block:int)->dict:
     "Columns (numpy) of one block of `BLOCK_SESSIONS` feed sessions."
     c = self.cfg; rng = np.random.default_rng([c.seed, 1, stream, block])
@@ -494,8 +577,11 @@ def _feed_block(self:World, stream:int, block:int)->dict:
     u0 = None if P is None or c.task_corr == 1 else P[sess, 0]
     out = self._feed_truth(rng, block, sess, m, post, src, aff, pos, author, topic, t_s[sess], stream, u0)
     return out | {"propensity": _pl_propensity(sess, pos, score, noise)}
+
+# %% ../nbs/02a_world.ipynb #bd0829ab
 World._feed_block = _feed_block
 
+# %% ../nbs/02a_world.ipynb #cae29a27
 def _pl_propensity(sess, pos, score, noise:float)->np.ndarray:
     "Plackett–Luce probability of each shown item at its slot given the items above it: $w_k/\\sum_{j\\ge k}w_j$."
     if noise == 0: return np.ones(len(score))
@@ -504,11 +590,14 @@ def _pl_propensity(sess, pos, score, noise:float)->np.ndarray:
     D = np.cumsum(W[:, ::-1], 1)[:, ::-1]
     return W[sess, pos - 1] / D[sess, pos - 1]
 
-# %% ../nbs/02a_world.ipynb #a63930e4
+
+
+# %% ../nbs/02a_world.ipynb #4c68f690
 def _feed_probs(self:World, m, post, t_hours, pos, rep_t, rep_a, aff, u0=None)->dict:
     "In-context features, the click logit and every feed task's true probability (v1 terms, then each v2 term)."
     c = self.cfg; ty = self.p_type[post]
-    conn, h, age = self._is_conn(m, self.p_author[post]), self.hist[m, self.p_topic[post]], t_hours - self.p_created[post]
+    conn, h = self._is_conn(m, self.p_author[post]), self.hist[m, self.p_topic[post]]
+    age = t_hours - self.p_created[post]
     z = (c.b0 + c.affinity * aff + c.quality * self.q[post] + c.connection * conn + c.history * np.log1p(h)
          + c.rep_topic * rep_t + c.rep_author * rep_a + c.recency * np.log1p(age / 24) + np.asarray(c.type_effects)[ty])
     if c.cross_strength: z = z + c.cross_strength * self._feed_cross(m, post, t_hours, conn, age)
@@ -519,7 +608,8 @@ def _feed_probs(self:World, m, post, t_hours, pos, rep_t, rep_a, aff, u0=None)->
     zt = self._tasks(z, c.affinity * aff + c.quality * self.q[post], m, post, t_hours, u0=u0)
     ex = pos.astype(np.float64) ** -c.eta
     p = {"p_click": ex * _sigmoid(zt["click"]), "p_like": ex * _sigmoid(zt["like"] + c.like_offset),
-         "p_comment": ex * _sigmoid(zt["comment"] + c.comment_offset), "p_dismiss": ex * _sigmoid(-zt["dismiss"] + c.dismiss_offset)}
+         "p_comment": ex * _sigmoid(zt["comment"] + c.comment_offset),
+         "p_dismiss": ex * _sigmoid(-zt["dismiss"] + c.dismiss_offset)}
     dw = aff if c.task_corr == 1 else c.task_corr * aff + math.sqrt(1 - c.task_corr ** 2) * zt["dwell_aff"]
     p["p_long_dwell"] = p["p_click"] * _sigmoid(c.dwell_affinity * dw)
     p["p_share"] = ex * _sigmoid(zt["share"] + c.share_offset)
@@ -539,18 +629,21 @@ def _feed_truth(self:World, rng, block, sess, m, post, src, aff, pos, author, to
     return {"session_id": block * BLOCK_SESSIONS + sess, "member_id": m, "post_id": post, "author_id": author,
             "topic": topic, "post_type": self.p_type[post], "position": pos, "timestamp": ts, "age_hours": p["age"],
             "source": src, "is_connection": p["conn"], "history_topic": p["h"], "rep_topic": rep_t, "rep_author": rep_a,
-            "true_affinity": aff, "true_logit": p["z"], "p_exam": p["ex"], **{k: v for k, v in p.items() if k[:2] == "p_"},
+            "true_affinity": aff, "true_logit": p["z"], "p_exam": p["ex"],
+            **{k: v for k, v in p.items() if k[:2] == "p_"},
             "click": click, "like": u[2] < p["p_like"], "comment": u[3] < p["p_comment"], "long_dwell": dwell,
             "dismiss": u[4] < p["p_dismiss"], "share": share}
 World._feed_truth = _feed_truth
 
 # %% ../nbs/02a_world.ipynb #7b0d666b
-JOB_SCHEMA = {"session_id": pl.Int64, "member_id": pl.Int32, "job_id": pl.Int32, "company_id": pl.Int32, "position": pl.Int16,
-    "timestamp": pl.Int64, "source": pl.Int8, "skill_overlap": pl.Float32, "seniority_gap": pl.Int8, "same_location": pl.Boolean,
-    "same_industry": pl.Boolean, "true_logit": pl.Float32, "p_exam": pl.Float32, "p_click": pl.Float32, "p_apply": pl.Float32,
-    "p_dismiss": pl.Float32, "p_hire": pl.Float32, "click": pl.Int8, "apply": pl.Int8, "dismiss": pl.Int8, "hired": pl.Int8,
+JOB_SCHEMA = {"session_id": pl.Int64, "member_id": pl.Int32, "job_id": pl.Int32, "company_id": pl.Int32,
+    "position": pl.Int16, "timestamp": pl.Int64, "source": pl.Int8, "skill_overlap": pl.Float32,
+    "seniority_gap": pl.Int8, "same_location": pl.Boolean, "same_industry": pl.Boolean, "true_logit": pl.Float32,
+    "p_exam": pl.Float32, "p_click": pl.Float32, "p_apply": pl.Float32, "p_dismiss": pl.Float32, "p_hire": pl.Float32,
+    "click": pl.Int8, "apply": pl.Int8, "dismiss": pl.Int8, "hired": pl.Int8,
     "propensity": pl.Float32}
 
+# %% ../nbs/02a_world.ipynb #214af99b
 def _job_parts(self:World, m:np.ndarray, j:np.ndarray)->dict:
     "Observable match features and the true logit for member–job pairs."
     c = self.cfg
@@ -559,18 +652,24 @@ def _job_parts(self:World, m:np.ndarray, j:np.ndarray)->dict:
     gap = np.abs(self.m_sen[m] - self.j_sen[j])
     sl, si = self.m_loc[m] == self.j_loc[j], self.m_ind[m] == self.j_ind[j]
     cos = np.einsum("nd,nd->n", self.m_skill_emb[m], self.j_emb[j])
-    z = c.j0 + c.skill * ov + c.seniority * gap + c.location * sl + c.industry * si + c.job_affinity * cos + self.c_attr[self.j_comp[j]]
+    z = (c.j0 + c.skill * ov + c.seniority * gap + c.location * sl + c.industry * si + c.job_affinity * cos
+         + self.c_attr[self.j_comp[j]])
     if c.cross_strength: z = z + c.cross_strength * self._job_cross(m, ov, gap, sl, si)
     if c.heterogeneity:
         z = z + c.heterogeneity * (self.het_job[m] * np.stack([ov, gap, sl, si], 1) * np.asarray(HET_JOB)).sum(1)
     zt = self._tasks(z, c.job_affinity * cos + self.c_attr[self.j_comp[j]], m, j, 0.0, prefix="job_")
-    return {"skill_overlap": ov, "seniority_gap": gap, "same_location": sl, "same_industry": si, "true_logit": zt["click"],
+    return {"skill_overlap": ov, "seniority_gap": gap, "same_location": sl, "same_industry": si,
+            "true_logit": zt["click"],
             "_apply": zt["apply"], "_dismiss": zt["dismiss"]}
+
+# %% ../nbs/02a_world.ipynb #4052c97b
 World._job_parts = _job_parts
 
 def job_logit(self:World, member_ids, job_ids)->np.ndarray:
     "True job-match logit $z^{job}$ (without position) for pairs `(member_ids[i], job_ids[i])`."
     return self._job_parts(np.asarray(member_ids), np.asarray(job_ids))["true_logit"]
+
+# %% ../nbs/02a_world.ipynb #93ac9c69
 World.job_logit = job_logit
 
 def post_logit(self:World, member_ids, post_ids, t_hours=0.0)->np.ndarray:
@@ -578,7 +677,11 @@ def post_logit(self:World, member_ids, post_ids, t_hours=0.0)->np.ndarray:
     return self._post_tasks(np.asarray(member_ids), np.asarray(post_ids), t_hours)["click"]
 World.post_logit = post_logit
 
-# %% ../nbs/02a_world.ipynb #214af99b
+
+
+
+
+# %% ../nbs/02a_world.ipynb #198c07fc
 def _job_block(self:World, stream:int, block:int)->dict:
     "Columns (numpy) of one block of `BLOCK_SESSIONS` job sessions."
     c = self.cfg; rng = np.random.default_rng([c.seed, 2, stream, block])
@@ -603,14 +706,18 @@ def _job_block(self:World, stream:int, block:int)->dict:
          "p_hire": self._hire_prob(m, parts["skill_overlap"], parts["seniority_gap"])}
     u = rng.random((4, n))
     apply = u[1] < p["p_apply"]
-    return {"session_id": block * BLOCK_SESSIONS + sess, "member_id": m, "job_id": job, "company_id": self.j_comp[job], "position": pos,
-            "timestamp": START_EPOCH + np.round(t_s[sess] * 3600).astype(np.int64) + pos, "source": src, **parts, "p_exam": ex, **p,
-            "click": u[0] < p["p_click"], "apply": apply, "dismiss": u[2] < p["p_dismiss"], "hired": apply & (u[3] < p["p_hire"]),
+    ts = START_EPOCH + np.round(t_s[sess] * 3600).astype(np.int64) + pos
+    return {"session_id": block * BLOCK_SESSIONS + sess, "member_id": m, "job_id": job, "company_id": self.j_comp[job],
+            "position": pos, "timestamp": ts, "source": src, **parts, "p_exam": ex, **p, "click": u[0] < p["p_click"],
+            "apply": apply, "dismiss": u[2] < p["p_dismiss"], "hired": apply & (u[3] < p["p_hire"]),
             "propensity": _pl_propensity(sess, pos, score, noise)}
+
+# %% ../nbs/02a_world.ipynb #a5118bc8
 World._job_block = _job_block
 
 def _hire_prob(self:World, m, ov, gap)->np.ndarray:
-    "P(hire | apply): the recruiter's acceptance, from the member's skill overlap, seniority gap and (hire_merit) merit."
+    ("P(hire | apply): the recruiter's acceptance, from the member's skill overlap, seniority gap and (hire_merit) "
+     "merit.")
     c = self.cfg
     z = c.hire_b0 + c.hire_skill * ov + c.hire_seniority * gap
     return _sigmoid(z + c.hire_merit * self.m_merit[m] if c.hire_merit else z)
@@ -618,9 +725,13 @@ World._hire_prob = _hire_prob
 
 # %% ../nbs/02a_world.ipynb #75b6f15a
 def _check_n(name:str, v)->int:
-    if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1: raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+        raise ValueError(f"{name} must be a positive int, got {v!r}")
     return int(v)
 
+
+
+# %% ../nbs/02a_world.ipynb #129ddd15
 def iter_impressions(self:World, kind:str="feed", # "feed" or "job"
                      n:int=100_000, # total impressions
                      chunk_size:int=200_000, # rows per yielded frame (the last one may be shorter)
@@ -631,10 +742,13 @@ def iter_impressions(self:World, kind:str="feed", # "feed" or "job"
     n, chunk_size, stream = _check_n("n", n), _check_n("chunk_size", chunk_size), int(stream)
     make, schema = (self._feed_block, FEED_SCHEMA) if kind == "feed" else (self._job_block, JOB_SCHEMA)
     return _chunks(make, schema, n, chunk_size, stream)
+
+# %% ../nbs/02a_world.ipynb #57975267
 World.iter_impressions = iter_impressions
 
 def _chunks(make, schema:dict, n:int, chunk_size:int, stream:int)->Iterator[pl.DataFrame]:
-    "Blocks from `make(stream, block)` regrouped into frames of exactly `chunk_size` rows (the last may be shorter), `n` rows in all."
+    ("Blocks from `make(stream, block)` regrouped into frames of exactly `chunk_size` rows (the last may be "
+     "shorter), `n` rows in all.")
     done, block, buf, nbuf = 0, 0, [], 0
     while done < n:
         cols = make(stream, block); block += 1
@@ -645,9 +759,14 @@ def _chunks(make, schema:dict, n:int, chunk_size:int, stream:int)->Iterator[pl.D
             yield out.head(k); done += k
             buf, nbuf = [out.slice(k)], out.height - k
 
+
+
+# %% ../nbs/02a_world.ipynb #f5282dec
 def feed_impressions(self:World, n:int, stream:int=0)->pl.DataFrame:
     "`n` feed impressions (schema `FEED_SCHEMA`) in one frame."
     return pl.concat(list(self.iter_impressions("feed", n, chunk_size=max(_check_n("n", n), 1), stream=stream)))
+
+# %% ../nbs/02a_world.ipynb #b6723ac3
 World.feed_impressions = feed_impressions
 
 def job_impressions(self:World, n:int, stream:int=0)->pl.DataFrame:
@@ -674,7 +793,8 @@ def hires(self:World, n_impressions:int, # job impressions to simulate
           stream:int=0)->pl.DataFrame:
     "Confirmed member–job matches (`member_id, job_id, company_id, timestamp`) among `n_impressions` job impressions."
     cols = ["member_id", "job_id", "company_id", "timestamp"]
-    return pl.concat([df.filter(pl.col("hired") == 1).select(cols) for df in self.iter_impressions("job", n_impressions, 500_000, stream)])
+    it = self.iter_impressions("job", n_impressions, 500_000, stream)
+    return pl.concat([df.filter(pl.col("hired") == 1).select(cols) for df in it])
 World.hires = hires
 
 # %% ../nbs/02a_world.ipynb #210907eb
@@ -684,6 +804,7 @@ HISTORY_SCHEMA = {"member_id": pl.Int32, "item_id": pl.Int32, "kind": pl.Enum(HI
                   "action": pl.Enum(HISTORY_ACTIONS), "timestamp": pl.Int64}
 HISTORY_BLOCK, HISTORY_CANDIDATES, JOB_EVENT_SHARE = 16_384, 8, 0.2
 
+# %% ../nbs/02a_world.ipynb #ae890ac3
 def _post_tasks(self:World, m, p, t_hours)->dict:
     "Context-free task logits (slot 1, no session context, no recency) of member–post pairs at hours `t_hours`."
     c = self.cfg
@@ -698,11 +819,16 @@ def _post_tasks(self:World, m, p, t_hours)->dict:
     return self._tasks(z, c.affinity * aff + c.quality * self.q[p], m, p, t_hours)
 World._post_tasks = _post_tasks
 
-# %% ../nbs/02a_world.ipynb #ae890ac3
+
+
+# %% ../nbs/02a_world.ipynb #87e09ba1
 def _gumbel_pick(rng, z:np.ndarray, C:int)->np.ndarray:
     "Index (0..C-1) of the winner in each row of `z.reshape(-1, C)` under Gumbel-max (−inf never wins)."
     return (z + rng.gumbel(size=len(z))).reshape(-1, C).argmax(1)
 
+
+
+# %% ../nbs/02a_world.ipynb #759a191b
 def _history_block(self:World, stream:int, block:int)->dict:
     "One block of `HISTORY_BLOCK` candidate events (columns as numpy; `ok` marks events that found an item)."
     c = self.cfg; rng = np.random.default_rng([c.seed, 3, stream, block]); B, C = HISTORY_BLOCK, HISTORY_CANDIDATES
@@ -748,22 +874,32 @@ def histories(self:World, n_events:int, # events to draw
     return pl.DataFrame(cols).cast(HISTORY_SCHEMA).sort("timestamp", maintain_order=True)
 World.histories = histories
 
-# %% ../nbs/02a_world.ipynb #2f741d14
+
+
+# %% ../nbs/02a_world.ipynb #d5c83ccf
 def _time_range(self:World, t, lo_days:float, name:str="t")->np.ndarray:
     "Epoch seconds `t` as int64, checked to lie in [START_EPOCH + lo_days, START_EPOCH + horizon_days]."
     t = np.asarray(t)
     if t.dtype.kind not in "iuf": raise ValueError(f"{name} must be epoch seconds (numbers), got dtype {t.dtype}")
     lo, hi = START_EPOCH + lo_days * 86400, START_EPOCH + self.cfg.horizon_days * 86400 + self.cfg.max_position
     if ((t < lo) | (t > hi)).any():
-        raise ValueError(f"{name} must be epoch seconds in [{lo:.0f}, {hi:.0f}] (the simulated timeline), got {t.min()}..{t.max()}")
+        raise ValueError(f"{name} must be epoch seconds in [{lo:.0f}, {hi:.0f}] (the simulated timeline), "
+                         f"got {t.min()}..{t.max()}")
     return t.astype(np.int64)
+
+# %% ../nbs/02a_world.ipynb #752f1930
 World._time_range = _time_range
 
+# %% ../nbs/02a_world.ipynb #eeba4b6c
 def _check_members(self:World, member_ids)->np.ndarray:
     m = np.atleast_1d(np.asarray(member_ids))
     if m.dtype.kind not in "iu" or (m < 0).any() or (m >= self.cfg.n_members).any():
         raise ValueError(f"member_ids must be ints in [0, {self.cfg.n_members}), got {m[:5]}...")
     return m.astype(np.int64)
+
+
+
+# %% ../nbs/02a_world.ipynb #0e717ffc
 World._check_members = _check_members
 
 def history_before(self:World, member_ids, # (n,) members
@@ -780,15 +916,22 @@ def history_before(self:World, member_ids, # (n,) members
     ix = np.where(valid, ix, 0)
     pad = lambda a, v: np.where(valid, a[ix], v)
     return dict(item_id=pad(log["item_id"], -1).astype(np.int32), kind=pad(log["kind"], -1).astype(np.int8),
-                action=pad(log["action"], -1).astype(np.int8), timestamp=pad(log["timestamp"], 0), length=length.astype(np.int32))
+                action=pad(log["action"], -1).astype(np.int8), timestamp=pad(log["timestamp"], 0),
+                length=length.astype(np.int32))
+
+
+
+# %% ../nbs/02a_world.ipynb #2989a856
 World.history_before = history_before
 
 def _history_index(self:World, stream:int=0):
-    "The canonical history log of `stream` as numpy columns sorted by (member, time), its search keys and member offsets."
+    ("The canonical history log of `stream` as numpy columns sorted by (member, time), its search keys and member "
+     "offsets.")
     cache = self.__dict__.setdefault("_hist_cache", {})
     if stream not in cache:
         df = self.histories(max(1, round(self.cfg.history_per_member * self.cfg.n_members)), stream)
-        df = df.with_columns(pl.col("kind").to_physical(), pl.col("action").to_physical()).sort("member_id", "timestamp", maintain_order=True)
+        df = df.with_columns(pl.col("kind").to_physical(), pl.col("action").to_physical())
+        df = df.sort("member_id", "timestamp", maintain_order=True)
         log = {k: df[k].to_numpy() for k in df.columns}
         self._t0s = START_EPOCH - int(self.cfg.post_age_days * 86400) - 1
         keys = (log["member_id"].astype(np.int64) << 32) | (log["timestamp"] - self._t0s)
@@ -797,6 +940,8 @@ def _history_index(self:World, stream:int=0):
     return cache[stream]
 World._history_index = _history_index
 
+
+
 # %% ../nbs/02a_world.ipynb #39e25263
 def _check_slate(self:World, member_id, slate, t)->tuple:
     "Validated `(member, slates (R, L) int64, hours)`; errors name the field and the valid range."
@@ -804,15 +949,20 @@ def _check_slate(self:World, member_id, slate, t)->tuple:
     if len(m) != 1: raise ValueError(f"member_id must be one member, got {len(m)}")
     S = np.asarray(slate)
     if S.ndim not in (1, 2) or S.shape[-1] == 0 or S.dtype.kind not in "iu":
-        raise ValueError(f"slate must be a non-empty 1-D (or 2-D: several orders) int array of post ids, got {S.dtype} {S.shape}")
+        raise ValueError(f"slate must be a non-empty 1-D (or 2-D: several orders) int array of post ids, "
+                         f"got {S.dtype} {S.shape}")
     S2 = S.reshape(-1, S.shape[-1]).astype(np.int64)
     if (bad := S2[(S2 < 0) | (S2 >= self.cfg.n_posts)]).size:
         raise ValueError(f"slate has unknown post ids {np.unique(bad)[:5].tolist()}; valid: 0..{self.cfg.n_posts - 1}")
     srt = np.sort(S2, 1)
-    if (srt[:, 1:] == srt[:, :-1]).any(): raise ValueError("slate has duplicate post ids; each item may appear once per slate")
-    if S2.shape[1] > self.cfg.max_position: raise ValueError(f"slate is longer than max_position={self.cfg.max_position}")
+    if (srt[:, 1:] == srt[:, :-1]).any():
+        raise ValueError("slate has duplicate post ids; each item may appear once per slate")
+    if S2.shape[1] > self.cfg.max_position:
+        raise ValueError(f"slate is longer than max_position={self.cfg.max_position}")
     th = (self._time_range(t, 0.0) - START_EPOCH) / 3600
     return int(m[0]), S2, float(np.asarray(th).reshape(-1)[0])
+
+# %% ../nbs/02a_world.ipynb #ec00f59d
 World._check_slate = _check_slate
 
 def _slate_probs(self:World, member_id, slate, t, task="click")->np.ndarray:
@@ -826,13 +976,17 @@ def _slate_probs(self:World, member_id, slate, t, task="click")->np.ndarray:
     return p["p_" + task].reshape(R, L)
 World._slate_probs = _slate_probs
 
-# %% ../nbs/02a_world.ipynb #ec00f59d
+
+
+# %% ../nbs/02a_world.ipynb #8259c8cd
 def slate_value(self:World, member_id:int, slate, # post ids in slot order: (L,), or (R, L) for R orders
                 t, # epoch seconds when the slate is shown (within the horizon)
                 task:str="click")->float|np.ndarray:
     "Exact expected number of `task` engagements of an ordered slate: Σ_k P(examine k)·P(task | item, items above)."
     v = self._slate_probs(member_id, slate, t, task).sum(1)
     return float(v[0]) if np.ndim(slate) == 1 else v
+
+# %% ../nbs/02a_world.ipynb #4dfae78b
 World.slate_value = slate_value
 
 def sample_slate(self:World, member_id:int, slate, t, n_samples:int=1, # independent draws of the outcomes
@@ -842,13 +996,20 @@ def sample_slate(self:World, member_id:int, slate, t, n_samples:int=1, # indepen
     return np.random.default_rng([self.cfg.seed, 4, seed]).random((_check_n("n_samples", n_samples), len(p))) < p
 World.sample_slate = sample_slate
 
-# %% ../nbs/02a_world.ipynb #702d4ae8
+
+
+
+
+# %% ../nbs/02a_world.ipynb #e1b00a1c
 def _pl_log_prob(logw:np.ndarray, orders:np.ndarray)->np.ndarray:
     "Log Plackett–Luce probability of each row of `orders` (item indices, full permutations) under log weights `logw`."
     lw = logw[orders]
     tail = np.logaddexp.accumulate(lw[:, ::-1], axis=1)[:, ::-1]
     return (lw - tail).sum(1)
 
+
+
+# %% ../nbs/02a_world.ipynb #86db30fa
 def logging_propensities(self:World, member_id:int, items, # the candidates the policy orders (post ids)
                          t, n_samples:int=20_000, # Monte Carlo orders when more than 7 candidates
                          seed:int=0)->tuple[np.ndarray, np.ndarray]:
@@ -869,13 +1030,18 @@ def logging_propensities(self:World, member_id:int, items, # the candidates the 
     return P, np.sqrt(P * (1 - P) / n)
 World.logging_propensities = logging_propensities
 
+
+
 # %% ../nbs/02a_world.ipynb #77db8c68
 def applications(self:World, n_impressions:int, # job impressions to simulate
                  stream:int=0)->pl.DataFrame:
-    "Every application `(member_id, job_id, company_id, timestamp, p_hire, hired)` among `n_impressions` job impressions."
+    ("Every application `(member_id, job_id, company_id, timestamp, p_hire, hired)` among `n_impressions` job "
+     "impressions.")
     cols = ["member_id", "job_id", "company_id", "timestamp", "p_hire", "hired"]
     it = self.iter_impressions("job", n_impressions, 500_000, stream)
     return pl.concat([df.filter(pl.col("apply") == 1).select(cols) for df in it])
+
+# %% ../nbs/02a_world.ipynb #30343baf
 World.applications = applications
 
 def activity_bucket(self:World, member_ids)->np.ndarray:
@@ -884,12 +1050,15 @@ def activity_bucket(self:World, member_ids)->np.ndarray:
     return np.asarray(ACTIVITY_BUCKETS)[np.digitize(h, [10, 100])]
 World.activity_bucket = activity_bucket
 
+
+
 # %% ../nbs/02a_world.ipynb #4366c736
 FIRST_NAMES = ["Ava", "Ben", "Chloe", "Dev", "Elena", "Farid", "Grace", "Hiro", "Ines", "Jonas", "Kemi", "Liam", "Maya",
                "Nikhil", "Olga", "Pablo", "Qing", "Rosa", "Sam", "Tara", "Umar", "Vera", "Wei", "Ximena", "Yusuf",
                "Zoe", "Arjun", "Bea", "Carlos", "Dana", "Emil", "Fatima", "Gus", "Hana", "Ivan", "Jade", "Kofi", "Lena",
                "Marco", "Nora"]
-LAST_NAMES = ["Smith", "Garcia", "Chen", "Patel", "Okafor", "Muller", "Rossi", "Tanaka", "Silva", "Novak", "Kim", "Haddad",
+LAST_NAMES = ["Smith", "Garcia", "Chen", "Patel", "Okafor", "Muller", "Rossi", "Tanaka", "Silva", "Novak", "Kim",
+              "Haddad",
               "Johansson", "Nguyen", "Dubois", "Kowalski", "Mensah", "Ivanova", "Lopez", "Brown", "Singh", "Cohen",
               "Yilmaz", "Santos", "Murphy", "Sato", "Ali", "Schmidt", "Costa", "Wright", "Park", "Fischer", "Moreau",
               "Reyes", "Nakamura", "Adeyemi", "Larsen", "Bianchi", "Khan", "Walsh"]
@@ -901,21 +1070,36 @@ COMPANY_WORDS = ["Northwind", "Bluepeak", "Cedar", "Helix", "Orbit", "Summit", "
 COMPANY_KINDS = ["Labs", "Group", "Partners", "Systems", "Works", "Health", "Capital", "Studios"]
 
 def member_name(m:int)->str: return f"{FIRST_NAMES[m % 40]} {LAST_NAMES[(m // 40) % 40]}"
-def company_name(c:int)->str: return f"{COMPANY_WORDS[c % 10]} {COMPANY_KINDS[(c // 10) % 8]}" + (f" {c // 80 + 1}" if c >= 80 else "")
-def topic_name(t:int)->str: return TOPIC_NAMES[t] if t < len(TOPIC_NAMES) else f"topic {t}"
-def _title(self:World, sen:int, ind:int)->str: return f"{SENIORITY[sen]} {_names(ROLES, self.cfg.n_industries, 'Role')[ind]}"
-World._title = _title
 
 # %% ../nbs/02a_world.ipynb #a0cbf89e
+def company_name(c:int)->str:
+    return f"{COMPANY_WORDS[c % 10]} {COMPANY_KINDS[(c // 10) % 8]}" + (f" {c // 80 + 1}" if c >= 80 else "")
+
+
+
+# %% ../nbs/02a_world.ipynb #f79fb7d1
+def topic_name(t:int)->str: return TOPIC_NAMES[t] if t < len(TOPIC_NAMES) else f"topic {t}"
+
+
+
+# %% ../nbs/02a_world.ipynb #56d6a717
+def _title(self:World, sen:int, ind:int)->str:
+    return f"{SENIORITY[sen]} {_names(ROLES, self.cfg.n_industries, 'Role')[ind]}"
+World._title = _title
+
+# %% ../nbs/02a_world.ipynb #e6aa893b
 def describe_member(self:World, member_id:int)->str:
     "One paragraph: name, title, industry, city, employer, top skills and most engaged topics (observable only)."
     m = int(self._check_members(member_id)[0]); c = self.cfg
-    ind, city = _names(INDUSTRIES, c.n_industries, "Industry")[self.m_ind[m]], _names(CITIES, c.n_locations, "City")[self.m_loc[m]]
+    ind = _names(INDUSTRIES, c.n_industries, "Industry")[self.m_ind[m]]
+    city = _names(CITIES, c.n_locations, "City")[self.m_loc[m]]
     skills = ", ".join(skill_name(int(s)) for s in np.flatnonzero(self.m_skills[m])[:5])
     top = ", ".join(topic_name(int(t)) for t in np.argsort(-self.hist[m], kind="stable")[:3] if self.hist[m, t] > 0)
     ti = self._title(self.m_sen[m], self.m_ind[m])
     return (f"{member_name(m)} is {'an' if ti[0] in 'AEIOU' else 'a'} {ti} in {ind}, based in {city}, working at "
             f"{company_name(int(self.m_comp[m]))}. Skills: {skills}. Most engaged topics: {top or 'none yet'}.")
+
+# %% ../nbs/02a_world.ipynb #ab69f864
 World.describe_member = describe_member
 
 def describe_post(self:World, post_id:int)->str:
@@ -924,19 +1108,26 @@ def describe_post(self:World, post_id:int)->str:
     if not 0 <= p < self.cfg.n_posts: raise ValueError(f"post_id must be in [0, {self.cfg.n_posts}), got {p}")
     a = int(self.p_author[p])
     return (f"A {POST_TYPES[self.p_type[p]]} post about {topic_name(int(self.p_topic[p]))} by {member_name(a)} "
-            f"({self._title(self.m_sen[a], self.m_ind[a])}), published {-self.p_created[p] / 24:.1f} days before 2026-01-01.")
+            f"({self._title(self.m_sen[a], self.m_ind[a])}), published {-self.p_created[p] / 24:.1f} days "
+            "before 2026-01-01.")
+
+
+
+# %% ../nbs/02a_world.ipynb #72fac992
 World.describe_post = describe_post
 
 def describe_job(self:World, job_id:int)->str:
     "One sentence: title, company, industry, city and required skills."
     j = int(np.asarray(job_id)); c = self.cfg
     if not 0 <= j < c.n_jobs: raise ValueError(f"job_id must be in [0, {c.n_jobs}), got {j}")
-    ind, city = _names(INDUSTRIES, c.n_industries, "Industry")[self.j_ind[j]], _names(CITIES, c.n_locations, "City")[self.j_loc[j]]
+    ind = _names(INDUSTRIES, c.n_industries, "Industry")[self.j_ind[j]]
+    city = _names(CITIES, c.n_locations, "City")[self.j_loc[j]]
     req = ", ".join(skill_name(int(s)) for s in np.flatnonzero(self.j_skills[j]))
-    return f"{self._title(self.j_sen[j], self.j_ind[j])} at {company_name(int(self.j_comp[j]))} ({ind}, {city}). Required skills: {req}."
+    title, comp = self._title(self.j_sen[j], self.j_ind[j]), company_name(int(self.j_comp[j]))
+    return f"{title} at {comp} ({ind}, {city}). Required skills: {req}."
 World.describe_job = describe_job
 
-# %% ../nbs/02a_world.ipynb #cb396efa
+# %% ../nbs/02a_world.ipynb #64068773
 _VERBS = ("clicked", "liked", "commented on", "shared")
 
 def history_text(self:World, member_id:int, t, # epoch seconds: only events before it
@@ -947,8 +1138,8 @@ def history_text(self:World, member_id:int, t, # epoch seconds: only events befo
     for it, k, a, ts in zip(h["item_id"][0], h["kind"][0], h["action"][0], h["timestamp"][0]):
         if it < 0: continue
         day = (ts - START_EPOCH) / 86400
-        what = (f"applied to {self._title(self.j_sen[it], self.j_ind[it])} at {company_name(int(self.j_comp[it]))}" if a == 4 else
-                f"viewed the job {self._title(self.j_sen[it], self.j_ind[it])} at {company_name(int(self.j_comp[it]))}" if k == 1 else
+        job = f"{self._title(self.j_sen[it], self.j_ind[it])} at {company_name(int(self.j_comp[it]))}" if k == 1 else ""
+        what = (f"applied to {job}" if a == 4 else f"viewed the job {job}" if k == 1 else
                 f"{_VERBS[a]} a {POST_TYPES[self.p_type[it]]} post about "
                 f"{topic_name(int(self.p_topic[it]))}")
         lines.append(f"day {day:+.1f}: {what}")
@@ -962,6 +1153,7 @@ JOB_FEATURES = ["skill_overlap", "seniority_gap", "same_location", "same_industr
 FEED_EXTRA = ["seniority", "industry_topic_match", "work_hours"]  # observable inputs of the planted crosses
 JOB_EXTRA = ["member_seniority"]
 
+# %% ../nbs/02a_world.ipynb #fe154bc1
 def feed_features(self:World, imps:pl.DataFrame, extended:bool=False, # add FEED_EXTRA (what the crosses need)
                  )->tuple[np.ndarray, list[str]]:
     "Observable feature matrix `(X float32 (n, 12 or 15), names)` for feed impressions."
@@ -977,8 +1169,11 @@ def feed_features(self:World, imps:pl.DataFrame, extended:bool=False, # add FEED
         hour = ((imps["timestamp"] - imps["position"]).to_numpy() - START_EPOCH) // 3600 % 24
         cols += [self.m_sen[m], self.ind_top3[self.m_ind[m], imps["topic"].to_numpy()], (hour >= 9) & (hour < 17)]
     return np.stack(cols, 1).astype(np.float32), FEED_FEATURES + FEED_EXTRA * extended
+
+# %% ../nbs/02a_world.ipynb #679975a8
 World.feed_features = feed_features
 
+# %% ../nbs/02a_world.ipynb #1d07af98
 def job_features(self:World, imps:pl.DataFrame, extended:bool=False, # add JOB_EXTRA
                 )->tuple[np.ndarray, list[str]]:
     "Observable feature matrix `(X float32 (n, 6 or 7), names)` for job impressions."
@@ -990,7 +1185,8 @@ def job_features(self:World, imps:pl.DataFrame, extended:bool=False, # add JOB_E
 World.job_features = job_features
 
 # %% ../nbs/02a_world.ipynb #8a1a78b5
-def popularity_scores(train:pl.DataFrame, test:pl.DataFrame, item:str="post_id", label:str="click", alpha:float=20.0)->np.ndarray:
+def popularity_scores(train:pl.DataFrame, test:pl.DataFrame, item:str="post_id", label:str="click",
+                      alpha:float=20.0)->np.ndarray:
     "Smoothed training engagement rate of each test row's item (the popularity baseline)."
     mu = train[label].mean()
     pop = train.group_by(item).agg(((pl.col(label).sum() + alpha * mu) / (pl.len() + alpha)).alias("s"))
@@ -1019,11 +1215,13 @@ def measure_write(ns:list[int], # totals of impressions to stream, each measured
                   kind:str="feed", # "feed" or "job"
                   timeout:float=900, # seconds before the measuring interpreter is stopped
                   **world)->pl.DataFrame:
-    "Wall time and measured peak memory of `World.generate(**world).write_parquet(dir, n, chunk_size, kind)` for each n."
+    ("Wall time and measured peak memory of `World.generate(**world).write_parquet(dir, n, chunk_size, kind)` for "
+     "each n.")
     import json, subprocess, sys
     if kind not in ("feed", "job"): raise ValueError(f"kind must be 'feed' or 'job', got {kind!r}")
     ns = [_check_n("n", n) for n in ns]
-    cs = [_check_n("chunk_size", c) for c in (chunk_size if isinstance(chunk_size, (list, tuple)) else [chunk_size] * len(ns))]
+    cs = chunk_size if isinstance(chunk_size, (list, tuple)) else [chunk_size] * len(ns)
+    cs = [_check_n("chunk_size", c) for c in cs]
     if len(cs) != len(ns): raise ValueError(f"chunk_size has {len(cs)} values for {len(ns)} totals")
     WorldConfig(**world)  # validate before starting the interpreter
     arg = json.dumps(dict(ns=ns, chunk_sizes=cs, kind=kind, world=world))
@@ -1033,20 +1231,33 @@ def measure_write(ns:list[int], # totals of impressions to stream, each measured
     return df.with_columns(impressions_per_s=pl.col("n") / pl.col("seconds"))
 
 # %% ../nbs/02a_world.ipynb #ca6b1c43
+def __getattr__(name:str):
+    "`lipapers.world.baselines` is the `lipapers.baselines` module, imported on first use (sklearn is slow to import)."
+    if name == "baselines":
+        import lipapers.baselines as b
+        return b
+    raise AttributeError(f"module 'lipapers.world' has no attribute {name!r}")
+
+# %% ../nbs/02a_world.ipynb #d5b92d35
 KNOB_ON = dict(cross_strength=1.0, n_interests=3, drift=1.0, task_corr=0.0, heterogeneity=1.0, activity_skew=1.0,
                slate_effects=1.0, exposure="uniform")
 
 def ranking_rows(w:World, imps:pl.DataFrame, seed:int=0, label:str="click")->pl.DataFrame:
     "Logistic regression, GBDT and the oracle on a 75/25 time split of feed impressions (extended features)."
+    from lipapers import baselines
     from lipapers.data import time_split
     tr, te = time_split(imps, test_frac=0.25)
     (Xtr, _), (Xte, _) = w.feed_features(tr, extended=True), w.feed_features(te, extended=True)
     return baselines.ranking_baselines(Xtr, tr[label].to_numpy(), Xte, te[label].to_numpy(), seed=seed,
-                                       oracle=te["p_" + label].to_numpy(), methods=("logistic_regression", "gbdt", "oracle"))
+                                       oracle=te["p_" + label].to_numpy(),
+                                       methods=("logistic_regression", "gbdt", "oracle"))
 
-# %% ../nbs/02a_world.ipynb #1fed895f
+
+
+# %% ../nbs/02a_world.ipynb #38ae10c5
 def interest_hit_rate(w:World, n_members:int=100, k:int=20, seed:int=0)->dict:
-    "Hit rate@k against each member's top-k posts by true affinity: best single vector (least squares) and best prototype."
+    ("Hit rate@k against each member's top-k posts by true affinity: best single vector (least squares) and best "
+     "prototype.")
     ms = np.random.default_rng(seed).choice(w.cfg.n_members, n_members, replace=False); P = w.cfg.n_posts
     sv, bp = [], []
     for m in ms:
@@ -1056,8 +1267,12 @@ def interest_hit_rate(w:World, n_members:int=100, k:int=20, seed:int=0)->dict:
         sv.append(len(top & set(np.argsort(-(w.e @ v))[:k])) / k); bp.append(len(top & set(np.argsort(-best)[:k])) / k)
     return dict(single_vector=float(np.mean(sv)), best_prototype=float(np.mean(bp)))
 
+
+
+# %% ../nbs/02a_world.ipynb #ad248f15
 def slate_spread(w:World, n_members:int=20, n_items:int=10, n_orders:int=1000, seed:int=0)->float:
-    "Mean over members of (best − worst)/worst `slate_value` among `n_orders` random orders of the same `n_items` posts."
+    ("Mean over members of (best − worst)/worst `slate_value` among `n_orders` random orders of the same `n_items` "
+     "posts.")
     rng = np.random.default_rng(seed); out = []
     for m in rng.choice(w.cfg.n_members, n_members, replace=False):
         items = rng.choice(w.cfg.n_posts, n_items, replace=False)
@@ -1065,15 +1280,21 @@ def slate_spread(w:World, n_members:int=20, n_items:int=10, n_orders:int=1000, s
         out.append((v.max() - v.min()) / v.min())
     return float(np.mean(out))
 
-# %% ../nbs/02a_world.ipynb #38ae10c5
+
+
+# %% ../nbs/02a_world.ipynb #24c106f7
 def task_rank_corr(imps:pl.DataFrame)->dict:
     "Spearman correlation of each task's oracle (probability / examination) with the click oracle."
     r = lambda c: (imps[c] / imps["p_exam"]).rank().to_numpy()
     return {t: float(np.corrcoef(r("p_click"), r(f"p_{t}"))[0, 1]) for t in ("like", "comment", "share", "long_dwell")}
 
+
+
+# %% ../nbs/02a_world.ipynb #2d7750be
 def knob_effect(w:World, knob:str, imps:pl.DataFrame, auc:dict, seed:int=0)->tuple[str, float]:
     "The knob-specific measurement (name, value) of the table above."
-    if knob == "n_interests": h = interest_hit_rate(w, seed=seed); return "hit_rate_loss", h["best_prototype"] - h["single_vector"]
+    if knob == "n_interests":
+        h = interest_hit_rate(w, seed=seed); return "hit_rate_loss", h["best_prototype"] - h["single_vector"]
     if knob == "drift":
         m, p = np.random.default_rng(seed).integers(0, [w.cfg.n_members, w.cfg.n_posts], (5000, 2)).T
         a0, a1 = w.affinity(m, p, -w.cfg.post_age_days * 24), w.affinity(m, p, w.cfg.horizon_days * 24)
@@ -1088,7 +1309,9 @@ def knob_effect(w:World, knob:str, imps:pl.DataFrame, auc:dict, seed:int=0)->tup
     if knob == "cross_strength": return "gbdt_minus_lr", auc["gbdt"] - auc["logistic_regression"]
     raise ValueError(f"knob must be one of {sorted(KNOB_ON)}, got {knob!r}")
 
-# %% ../nbs/02a_world.ipynb #0593eb4e
+
+
+# %% ../nbs/02a_world.ipynb #37012878
 def knob_controls(knob:str, seeds, # knob name (a KNOB_ON key) and the paired seeds
                   n_impressions:int=40_000, on=None, # impressions per world; the on value (default KNOB_ON[knob])
                   **size)->pl.DataFrame:
@@ -1100,8 +1323,8 @@ def knob_controls(knob:str, seeds, # knob name (a KNOB_ON key) and the paired se
             w = World.generate(seed=int(seed), **size, **{knob: v}); imps = w.feed_impressions(n_impressions)
             r = ranking_rows(w, imps, int(seed)); auc = dict(zip(r["method"], r["auc"]))
             base = dict(knob=knob, setting=setting, knob_value=str(v), seed=int(seed))
-            rows += [base | dict(method=m, metric=k, value=float(x)) for m, a in zip(r["method"], r.iter_rows(named=True))
-                     for k, x in a.items() if k in ("auc", "log_loss", "ece")]
+            rows += [base | dict(method=a["method"], metric=k, value=float(a[k])) for a in r.iter_rows(named=True)
+                     for k in ("auc", "log_loss", "ece")]
             name, val = knob_effect(w, knob, imps, auc, int(seed))
             rows.append(base | dict(method=setting, metric=name, value=float(val)))
     return pl.DataFrame(rows)
