@@ -314,9 +314,9 @@ def quantease_outliers(W:Tensor, # (q, p) weight
     S = torch.where(_outlier_mask(Wf, k, structured), Wf, torch.zeros_like(Wf))   # init: the largest weights
     g, (N, perm) = make_grid(Wf - S, bits, group_size=group_size, mse=mse), _cd_setup(H, W, act_order)
     s, z = g.expand(p)
-    What, Hf = _qdq(Wf - S, s, z, g.maxq), H.detach().float()
+    What, Hf = Wf - S, H.detach().float()                            # start from Ŵ = W − S, as the official code
     eta = alpha / (2 * torch.linalg.eigvalsh(H.double()).max().clamp(min=1e-30).item())
-    if history is not None: history.append((0, True, layer_error(Wf, What + S, H)))
+    if history is not None: history.append((0, False, layer_error(Wf, What + S, H)))
     for it in range(1, iters + 1):
         quant = not (relax and relaxed_sweep(it, iters))
         _cd_sweep(Wf - S, What, N, perm, s, z, g.maxq, quant, 128)     # (i) CD sweep with target W − S

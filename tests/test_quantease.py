@@ -6,14 +6,15 @@ import pytest
 import torch
 
 from lipapers.quantease import (
-    SUPPORTED_BITS, gptq_quantease, gptq_quantize, grid_dequantize, grid_quantize, grid_round, layer_error,
-    make_grid, on_grid, quantease, quantease_outliers, rel_error, rtn_quantize,
+    BEDS, SUPPORTED_BITS, VARIANTS, compare_on_layer, eval_windows, gptq_quantease, gptq_quantize, grid_dequantize,
+    grid_quantize, grid_round, layer_error, make_grid, on_grid, quantease, quantease_outliers, quantize_variant,
+    rel_error, relaxed_sweep, rtn_quantize, synthetic_layer,
 )
 
 torch.set_num_threads(1)
 
 
-def correlated(q=24, p=40, n=300, seed=0, rho=0.8):
+def correlated(q=24, p=40, n=300, seed=0, rho=0.8):  # noqa: D401
     "Random layer W (q, p) and H = XXᵀ of inputs with strongly correlated channels."
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(q, p, generator=g)
@@ -82,25 +83,41 @@ def test_gptq_identity_H_equals_rtn(bits):
                                    rtol=0, atol=0)
 
 
-def naive_obs_gptq(W, H, bits, damp=0.01):
-    "GPTQ in its original OBS form (GPTQ paper Eq. 2-3): explicit inverse, one column at a time, float64."
+def naive_obs_gptq(W, H, bits, damp=0.01, perm=None):
+    "GPTQ in its original OBS form (GPTQ paper Eq. 2-3): explicit inverse, one column at a time, float64, in `perm` order."
     g = make_grid(W, bits)
-    W, H = W.double().clone(), H.double().clone()
+    perm = torch.arange(W.shape[1]) if perm is None else perm
+    W, H = W[:, perm].double().clone(), H[perm][:, perm].double().clone()
+    s, z = g.scale[:, 0].double(), g.zero[:, 0].double()
+    Q = _obs_loop(W, H, s, z, bits, damp)
+    return Q[:, torch.argsort(perm)].float()
+
+
+def _obs_loop(W, H, s, z, bits, damp):
     H += damp * torch.diagonal(H).mean() * torch.eye(H.shape[0], dtype=torch.float64)
     Hinv, Q = torch.linalg.inv(H), torch.zeros_like(W)
-    s, z = g.scale[:, 0].double(), g.zero[:, 0].double()
     for j in range(W.shape[1]):
         Q[:, j] = s * (torch.clamp(torch.round(W[:, j] / s) + z, 0, 2**bits - 1) - z)
         err = (W[:, j] - Q[:, j]) / Hinv[j, j]
         W[:, j:] -= err[:, None] * Hinv[j, j:][None]
         Hinv = Hinv - Hinv[:, j:j + 1] @ Hinv[j:j + 1, :] / Hinv[j, j]  # remove column j (Gaussian elimination)
-    return Q.float()
+    return Q
 
 
 @pytest.mark.parametrize("bits", [3, 4])
 def test_gptq_matches_naive_obs_reference(bits):
     W, H = correlated(q=10, p=30, seed=20 + bits)
     torch.testing.assert_close(gptq_quantize(W, H, bits, block_size=8), naive_obs_gptq(W, H, bits), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_gptq_act_order_matches_naive_obs_in_the_same_order(bits):
+    W, H = correlated(q=10, p=30, seed=40 + bits)
+    perm = torch.argsort(torch.diagonal(H), descending=True)
+    assert not torch.equal(perm, torch.arange(30))  # the order really differs here
+    ours = gptq_quantize(W, H, bits, block_size=8, act_order=True)
+    torch.testing.assert_close(ours, naive_obs_gptq(W, H, bits, perm=perm), rtol=0, atol=1e-4)
+    assert not torch.equal(ours, gptq_quantize(W, H, bits, block_size=8))  # and the order changes the answer
 
 
 def test_gptq_lazy_batches_match_unblocked():
@@ -119,6 +136,12 @@ def test_quantease_beats_rtn_and_gptq_init_never_worse(bits, seed):
     assert layer_error(W, qe, H) < 0.8 * layer_error(W, rtn, H)  # not just "no worse": clearly better here
 
 
+def official_relaxed(it, iters):
+    "The official loop's test, written for a 1-based sweep: 0-based i = it - 1 rounds unless i % 3 == 1, i <= 25, not last."
+    i = it - 1
+    return not (i % 3 != 1 or i == iters - 1 or i > 25)
+
+
 def naive_cd(W, H, bits, iters):
     "Paper's CD written directly from Eq. (2), one column at a time, float64, with the official relaxed schedule."
     g = make_grid(W, bits)
@@ -126,7 +149,7 @@ def naive_cd(W, H, bits, iters):
     W, S = W.double(), H.double()
     What = W.clone()
     for it in range(1, iters + 1):
-        relaxed = it % 3 == 1 and it <= 25 and it < iters
+        relaxed = official_relaxed(it, iters)
         for j in torch.argsort(torch.diagonal(S), descending=True).tolist():
             u = W[:, j] + sum((W[:, k] - What[:, k]) * S[k, j] / S[j, j] for k in range(W.shape[1]) if k != j)
             What[:, j] = u if relaxed else s * (torch.clamp(torch.round(u / s) + z, 0, 2**bits - 1) - z)
@@ -136,6 +159,43 @@ def naive_cd(W, H, bits, iters):
 def test_quantease_matches_naive_cd():
     W, H = correlated(q=6, p=14, seed=13)
     torch.testing.assert_close(quantease(W, H, 3, iters=5, block_size=4), naive_cd(W, H, 3, 5), rtol=0, atol=1e-4)
+
+
+def test_relaxed_schedule_is_the_official_one():
+    assert [it for it in range(1, 31) if relaxed_sweep(it, 30)] == [2, 5, 8, 11, 14, 17, 20, 23, 26]
+    for iters in (1, 2, 3, 5, 10, 27, 28, 30, 40):
+        assert [relaxed_sweep(it, iters) for it in range(1, iters + 1)] == \
+            [official_relaxed(it, iters) for it in range(1, iters + 1)]
+    assert not relaxed_sweep(1, 30)  # the first sweep rounds (it starts from W)
+
+
+def official_form(W, H, bits, iters):
+    "QuantEase in the official code's formulation (our transcription): P = W·Σ/diag, P̂ = Ŵ·N per sweep, running ΔŴ."
+    g = make_grid(W, bits)
+    s, z, maxq = g.scale[:, 0], g.zero[:, 0], 2**bits - 1
+    perm = torch.argsort(torch.diagonal(H), descending=True)
+    W, S = W[:, perm].float(), H[perm][:, perm].float()
+    N = S / torch.diagonal(S)  # N[k, j] = Σ_kj / Σ_jj
+    P = W @ N
+    N.fill_diagonal_(0)
+    NT, What = N.T.contiguous(), W.clone()
+    for i in range(iters):
+        delta = What.clone().T
+        Phat = (NT @ delta).T
+        for j in range(W.shape[1]):
+            u = P[:, j] - Phat[:, j]
+            if j > 0: u = u + NT[j, :j] @ delta[:j, :]
+            if i % 3 != 1 or i == iters - 1 or i > 25:
+                u = s * (torch.clamp(torch.round(u / s) + z, 0, maxq) - z)
+            What[:, j] = u
+            delta[j, :] -= u
+    return What[:, torch.argsort(perm)]
+
+
+@pytest.mark.parametrize("bits,iters,seed", [(3, 30, 0), (4, 10, 1), (2, 7, 2), (3, 5, 3)])
+def test_quantease_equals_the_official_formulation_bit_for_bit(bits, iters, seed):
+    W, H = correlated(q=16, p=48, seed=seed)
+    assert torch.equal(quantease(W, H, bits, iters=iters), official_form(W, H, bits, iters))
 
 
 def test_quantease_block_size_does_not_change_result():
@@ -173,7 +233,7 @@ def test_objective_monotone_over_quantized_sweeps(bits):
     W, H = correlated(seed=7)
     hist = []
     quantease(W, H, bits, iters=12, history=hist)
-    assert [h[1] for h in hist[1:]] == [not (i % 3 == 1 and i < 12) for i in range(1, 13)]  # the relaxed schedule
+    assert [h[1] for h in hist[1:]] == [i not in (2, 5, 8, 11) for i in range(1, 13)]  # the official relaxed schedule
     for (i0, q0, f0), (i1, q1, f1) in zip(hist, hist[1:]):
         if q0 and q1 and i0 > 0: assert f1 <= f0 * (1 + 1e-6) + 1e-6, (i0, f0, f1)
         if not q1: assert f1 <= f0 * (1 + 1e-6) + 1e-6  # a relaxed sweep is also exact CD (continuous)
@@ -200,6 +260,69 @@ def test_outliers_count_grid_and_gain():
     assert fs[-1] <= fs[0]
     Q0, S0 = quantease_outliers(W, H, 3, outlier_frac=0.0, iters=3)
     assert not S0.any()
+
+
+def brute_structured(W, H, bits, c):
+    "Global optimum of Eq. (3) with input column c in full precision: the other columns on the grid of W without c."
+    import itertools
+    Wz = W.clone(); Wz[:, c] = 0
+    g = make_grid(Wz, bits)
+    others = [k for k in range(W.shape[1]) if k != c]
+    best = 0.0
+    for r in range(W.shape[0]):
+        pts = g.scale[r, 0] * (torch.arange(2**bits, dtype=torch.float64) - g.zero[r, 0])
+        fr = float("inf")
+        for codes in itertools.product(range(2**bits), repeat=len(others)):
+            d = W[r].double().clone()
+            d[others] -= pts[list(codes)]
+            d[c] = -(d[others] @ H[others, c].double()) / H[c, c]  # optimal full-precision column entry
+            fr = min(fr, float(d @ H.double() @ d))
+        best += fr
+    return best
+
+
+def test_structured_outliers_against_brute_force():
+    W, H = correlated(q=3, p=5, n=60, seed=30)
+    W[:, 2] *= 6  # a planted outlier input column
+    Q, S = quantease_outliers(W, H, 2, outlier_frac=0.2, iters=30, structured=True)  # round(0.2·5) = 1 column
+    assert torch.equal((S != 0).any(0), torch.tensor([False, False, True, False, False]))
+    Wz = W.clone(); Wz[:, 2] = 0
+    assert on_grid(Q, make_grid(Wz, 2)).all()
+    f, fstar = layer_error(W, Q + S, H), brute_structured(W, H, 2, 2)
+    best_other = min(brute_structured(W, H, 2, c) for c in (0, 1, 3, 4))
+    assert fstar < best_other  # the planted column is the right one to keep
+    assert fstar * (1 - 1e-6) <= f <= fstar * 1.05, (f, fstar)
+
+
+def test_outliers_zero_fraction_is_plain_quantease():
+    W, H = correlated(q=8, p=20, seed=31)
+    for structured in (False, True):
+        Q, S = quantease_outliers(W, H, 3, outlier_frac=0.0, iters=5, structured=structured)
+        assert not S.any()
+        torch.testing.assert_close(Q, quantease(W, H, 3, iters=5), rtol=0, atol=0)
+
+
+def test_synthetic_beds_and_variants():
+    for kind in BEDS:
+        W, H = synthetic_layer(kind, 8, 16, seed=1)
+        assert W.shape == (8, 16) and H.shape == (16, 16) and torch.allclose(H, H.T)
+    assert torch.linalg.matrix_rank(synthetic_layer("lowrank", 8, 16)[1]) <= 4
+    W, H = synthetic_layer("iid", 8, 16, seed=2)
+    rows = compare_on_layer(W, H, list(VARIANTS), 3, outlier_iters=3)
+    assert [r["method"] for r in rows] == list(VARIANTS) and all(r["rel_error"] > 0 for r in rows)
+    with pytest.raises(ValueError, match="unknown variants"):
+        compare_on_layer(W, H, ["rtn", "awq"], 3)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        synthetic_layer("heavy")
+    g = make_grid(W, 3, group_size=4)
+    assert on_grid(quantize_variant(W, H, "quantease_10", 3, group_size=4), g).all()
+
+
+def test_eval_windows_are_seeded_whole_windows():
+    t = torch.arange(10_000)
+    a, b = eval_windows(t, 1000, 100, seed=0), eval_windows(t, 1000, 100, seed=1)
+    assert a.numel() == 1000 and torch.equal(a, eval_windows(t, 1000, 100, seed=0)) and not torch.equal(a, b)
+    assert (a.view(10, 100)[:, 0] % 100 == 0).all() and (a.view(10, 100).diff(dim=1) == 1).all()
 
 
 def test_zero_and_constant_columns_and_rows():
@@ -333,3 +456,56 @@ def test_driver_quantease_all_weights_on_grid_and_bad_method():
         quantize_model(m, CALIB, "awq", 4)
     with pytest.raises(ValueError, match="bits must be one of"):
         quantize_model(m, CALIB, "rtn", 1)
+
+
+# ---------------------------------------------------------------- shared-Σ model bed
+from lipapers.quantease import (block_linears, collect_hessians, derived_rows, quantize_with,  # noqa: E402
+                                status_or_not_run)
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_lm])
+def test_collect_hessians_matches_independent_capture_and_stops_early(make):
+    m = make()
+    Hs = collect_hessians(m, CALIB, batch_size=4)
+    lins = block_linears(m)
+    assert set(Hs) == set(lins) and len(lins) == 14
+    for name in ("0.mlp.down_proj", "1.self_attn.q_proj") if make is tiny_llama else list(lins)[:3]:
+        x = _inputs_of(m, lins[name]).double()
+        torch.testing.assert_close(Hs[name], (x.T @ x / x.shape[0]).float(), rtol=1e-5, atol=1e-6)
+    H1 = collect_hessians(m, CALIB, n_blocks=1, batch_size=4)
+    assert set(H1) == {k for k in lins if k.startswith("0.")}
+    assert all(torch.equal(H1[k], Hs[k]) for k in H1)
+    with pytest.raises(ValueError, match="n_blocks"):
+        block_linears(m, 3)
+
+
+def test_quantize_with_uses_the_shared_sigma_and_leaves_the_model_alone():
+    m = tiny_llama(2)
+    Hs = collect_hessians(m, CALIB, n_blocks=1, batch_size=4)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    qm, rows = quantize_with(m, Hs, "gptq_act", 3)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    lq, l0 = block_linears(qm), block_linears(m)
+    for r in rows:
+        ref = gptq_quantize(l0[r["layer"]].weight.data, Hs[r["layer"]], 3, act_order=True)
+        torch.testing.assert_close(lq[r["layer"]].weight.data, ref, rtol=0, atol=0)
+    assert torch.equal(block_linears(qm)["1.mlp.up_proj"].weight, l0["1.mlp.up_proj"].weight)  # block 1 untouched
+
+
+def test_derived_rows_and_status_helper():
+    import polars as pl
+    rows = []
+    for sd in (0, 1):
+        for lay, (a, b) in {"x": (1.0, 2.0), "y": (3.0, 2.0), "z": (1.0, 4.0)}.items():
+            for m, v in (("quantease_30", a), ("gptq_act", b)):
+                k = dict(bed="small", group=0, bits=3, seed=sd, layer=lay, method=m)
+                rows += [dict(k, metric="layer_rel_error", value=v), dict(k, metric="layer_seconds", value=v)]
+    out = {(r["seed"], r["metric"]): r["value"] for r in derived_rows(pl.DataFrame(rows))}
+    assert out[(0, "frac_layers_below_gptq")] == pytest.approx(2 / 3)
+    assert out[(1, "time_ratio_to_gptq")] == pytest.approx(5 / 8)
+    from lipapers.core import Claim
+    c1 = Claim("A", "s", "c", "layer_rel_error", "quantease_30", "gptq_act", direction="lower", agg="mean",
+               where={"bed": "small"})
+    c2 = Claim("B", "s", "c", "perplexity", "quantease_30", "gptq_act", where={"bed": "small"})
+    t = status_or_not_run([c1, c2], pl.DataFrame(rows))
+    assert t["claim"].to_list() == ["A", "B"] and t["verdict"][1] == "not run"
