@@ -24,6 +24,7 @@ def _check_W(W):
     if W.ndim != 2: raise ValueError(f"W must be 2-D (out_features q, in_features p), got shape {tuple(W.shape)}")
     if not W.is_floating_point(): raise TypeError(f"W must be a floating tensor, got {W.dtype}")
 
+# %% ../nbs/llm/12_quantease.ipynb #5bb4541d
 def _check_WH(W, H):
     _check_W(W)
     if not isinstance(H, Tensor): raise TypeError(f"H must be a torch.Tensor, got {type(H).__name__}")
@@ -31,19 +32,21 @@ def _check_WH(W, H):
     if H.shape != (p, p):
         raise ValueError(f"H must be (p, p) = ({p}, {p}) for W of shape {tuple(W.shape)}, got {tuple(H.shape)}")
 
-# %% ../nbs/llm/12_quantease.ipynb #497fba31
+# %% ../nbs/llm/12_quantease.ipynb #cce1a5a7
 def layer_error(W:Tensor, What:Tensor, H:Tensor)->float:
     "Layer objective `f(Ŵ) = ‖WX − ŴX‖²_F = tr((W − Ŵ) Σ (W − Ŵ)ᵀ)` with `H = Σ`, in float64."
     D = (W - What).double()
     return float(((D @ H.double()) * D).sum())
 
+# %% ../nbs/llm/12_quantease.ipynb #f1f4e035
 def rel_error(W:Tensor, What:Tensor, H:Tensor)->float:
     "Relative reconstruction error ‖(W − Ŵ)X‖² / ‖WX‖²."
     return layer_error(W, What, H) / max(layer_error(W, torch.zeros_like(W), H), 1e-30)
 
-# %% ../nbs/llm/12_quantease.ipynb #59bc41c9
+# %% ../nbs/llm/12_quantease.ipynb #f0c4bcfb
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 
+# %% ../nbs/llm/12_quantease.ipynb #4653a873
 @dataclass
 class Grid:
     "Per-output-channel asymmetric uniform grid `q(u) = s·(clamp(round(u/s)+z, 0, 2^b−1) − z)`, one (s, z) per group."
@@ -60,11 +63,12 @@ class Grid:
         idx = torch.arange(p, device=self.scale.device) // self.group_size
         return self.scale[:, idx], self.zero[:, idx]
 
-# %% ../nbs/llm/12_quantease.ipynb #90976e17
+# %% ../nbs/llm/12_quantease.ipynb #2252e100
 def _check_bits(bits):
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
 
+# %% ../nbs/llm/12_quantease.ipynb #09a7426c
 def _minmax_params(lo, hi, maxq):
     "Asymmetric scale and zero point from per-row (per-group) ranges that include 0."
     lo, hi = lo.clamp(max=0), hi.clamp(min=0)
@@ -73,11 +77,12 @@ def _minmax_params(lo, hi, maxq):
     scale = (hi - lo) / maxq
     return scale, torch.round(-lo / scale)
 
+# %% ../nbs/llm/12_quantease.ipynb #d35d7daf
 def _qdq(u, scale, zero, maxq):
     "Round `u` to the grid given by broadcastable `scale`, `zero` (quantize then dequantize)."
     return scale * (torch.clamp(torch.round(u / scale) + zero, 0, maxq) - zero)
 
-# %% ../nbs/llm/12_quantease.ipynb #a27321cd
+# %% ../nbs/llm/12_quantease.ipynb #39d73ee3
 def _mse_search(Wg, lo, hi, scale, zero, maxq, grid_pts, max_shrink):
     "Per row (group), the shrunk range [f·lo, f·hi] with the smallest ‖w − q(w)‖²."
     best = ((_qdq(Wg, scale[..., None], zero[..., None], maxq) - Wg)**2).sum(-1)
@@ -85,10 +90,11 @@ def _mse_search(Wg, lo, hi, scale, zero, maxq, grid_pts, max_shrink):
         s1, z1 = _minmax_params((1 - i / grid_pts) * lo, (1 - i / grid_pts) * hi, maxq)
         err = ((_qdq(Wg, s1[..., None], z1[..., None], maxq) - Wg)**2).sum(-1)
         better = err < best
-        best, scale, zero = torch.where(better, err, best), torch.where(better, s1, scale), torch.where(better, z1, zero)
+        best, scale = torch.where(better, err, best), torch.where(better, s1, scale)
+        zero = torch.where(better, z1, zero)
     return scale, zero
 
-# %% ../nbs/llm/12_quantease.ipynb #81eee8f6
+# %% ../nbs/llm/12_quantease.ipynb #c7029ed8
 def make_grid(W:Tensor, # (q, p) weight, out × in
               bits:int=4, # b, one of SUPPORTED_BITS
               group_size:int|None=None, # input columns sharing one (s, z); None = one per row (the paper's setting)
@@ -108,30 +114,33 @@ def make_grid(W:Tensor, # (q, p) weight, out × in
     if mse: scale, zero = _mse_search(Wg, lo, hi, scale, zero, maxq, grid_pts, max_shrink)
     return Grid(scale, zero, bits, gs)
 
-# %% ../nbs/llm/12_quantease.ipynb #be5c243a
+# %% ../nbs/llm/12_quantease.ipynb #93fea4d1
 def grid_quantize(W:Tensor, g:Grid)->Tensor:
     "Integer codes in [0, 2^b − 1] of `W` on grid `g`."
     s, z = g.expand(W.shape[1])
     return torch.clamp(torch.round(W.float() / s) + z, 0, g.maxq)
 
+# %% ../nbs/llm/12_quantease.ipynb #d0c713eb
 def grid_dequantize(Q:Tensor, g:Grid)->Tensor:
     "Weights `s·(Q − z)` from integer codes."
     s, z = g.expand(Q.shape[1])
     return s * (Q - z)
 
-# %% ../nbs/llm/12_quantease.ipynb #8fd9a46f
+# %% ../nbs/llm/12_quantease.ipynb #c5fc9122
 def grid_round(W:Tensor, g:Grid)->Tensor:
     "Nearest grid point of every weight: `dequantize(quantize(W))`."
     return grid_dequantize(grid_quantize(W, g), g)
 
+# %% ../nbs/llm/12_quantease.ipynb #b52bc4f8
 def on_grid(W:Tensor, g:Grid, atol:float=1e-5)->Tensor:
     "Boolean mask of entries of `W` that already lie on `g` (relative to the step size)."
     s, _ = g.expand(W.shape[1])
     return ((W.float() - grid_round(W, g)).abs() <= atol * s.abs().clamp(min=1e-12) + 1e-7)
 
-# %% ../nbs/llm/12_quantease.ipynb #c8ff533b
+# %% ../nbs/llm/12_quantease.ipynb #e2921773
 BEDS = ("iid", "correlated", "outliers", "lowrank")
 
+# %% ../nbs/llm/12_quantease.ipynb #69f744c1
 def synthetic_layer(kind:str="correlated", # one of BEDS
                     q:int=64, p:int=128, # output and input features
                     n:int|None=None, # tokens (default 8p; `lowrank` uses p/4)
@@ -147,13 +156,15 @@ def synthetic_layer(kind:str="correlated", # one of BEDS
         if kind == "outliers": X[torch.randperm(p, generator=g)[:max(1, p // 50)]] *= 20.0
     return W, X @ X.T / n
 
-# %% ../nbs/llm/12_quantease.ipynb #e11c29da
+# %% ../nbs/llm/12_quantease.ipynb #e84eaedb
 def _grid_for(W, bits, grid, group_size, mse):
     if grid is None: return make_grid(W, bits, group_size=group_size, mse=mse)
     if grid.bits != bits: raise ValueError(f"grid has {grid.bits} bits but bits={bits}")
-    if grid.scale.shape[0] != W.shape[0]: raise ValueError(f"grid is for {grid.scale.shape[0]} rows, W has {W.shape[0]}")
+    if grid.scale.shape[0] != W.shape[0]:
+        raise ValueError(f"grid is for {grid.scale.shape[0]} rows, W has {W.shape[0]}")
     return grid
 
+# %% ../nbs/llm/12_quantease.ipynb #de164fcc
 def rtn_quantize(W:Tensor, # (q, p) weight
                  bits:int=4, # b
                  grid:Grid|None=None, # precomputed grid; default `make_grid(W, bits, group_size, mse)`
@@ -162,7 +173,7 @@ def rtn_quantize(W:Tensor, # (q, p) weight
     _check_W(W); _check_bits(bits)
     return grid_round(W, _grid_for(W, bits, grid, group_size, mse)).to(W.dtype)
 
-# %% ../nbs/llm/12_quantease.ipynb #792a0b96
+# %% ../nbs/llm/12_quantease.ipynb #99a4e066
 def _prep_H(H, W):
     "Float copy of H with dead inputs (zero diagonal) given unit curvature so they decouple."
     H = H.detach().float().clone()
@@ -171,6 +182,7 @@ def _prep_H(H, W):
     H[dead, dead] = 1
     return H, dead
 
+# %% ../nbs/llm/12_quantease.ipynb #a15f1e57
 def _gptq_factor(H, damp):
     "Upper Cholesky factor U of (H + λI)⁻¹ = UᵀU, λ = damp·mean(diag H)."
     H = H + damp * torch.diagonal(H).mean() * torch.eye(H.shape[0], device=H.device)
@@ -178,7 +190,7 @@ def _gptq_factor(H, damp):
     if info: raise ValueError(f"H + damp·mean(diag)·I is not positive definite (damp={damp}); increase damp")
     return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
 
-# %% ../nbs/llm/12_quantease.ipynb #c8c29116
+# %% ../nbs/llm/12_quantease.ipynb #12affcb5
 def gptq_quantize(W:Tensor, # (q, p) weight
                   H:Tensor, # (p, p) Σ of the calibration inputs
                   bits:int=4, # b
@@ -207,7 +219,7 @@ def gptq_quantize(W:Tensor, # (q, p) weight
         Wc[:, i2:] -= E1 @ U[i1:i2, i2:]                # lazy batch update of the columns after the block
     return Q[:, torch.argsort(perm)].to(W.dtype)
 
-# %% ../nbs/llm/12_quantease.ipynb #2be9e67d
+# %% ../nbs/llm/12_quantease.ipynb #e5f497d3
 def relaxed_sweep(it:int, # 1-based sweep number
                   iters:int, # total sweeps
                  )->bool:
@@ -215,7 +227,7 @@ def relaxed_sweep(it:int, # 1-based sweep number
     i = it - 1
     return i % 3 == 1 and i <= 25 and it < iters
 
-# %% ../nbs/llm/12_quantease.ipynb #22883384
+# %% ../nbs/llm/12_quantease.ipynb #13fdc843
 def _cd_sweep(Wt, What, N, perm, s, z, maxq, quantize, block):
     "One cyclic CD sweep over whole columns, in place; `Wt` is the target, N_kj = Σ_kj/Σ_jj (zero diagonal)."
     WT, ST, ZT, QT = Wt.T.contiguous(), s.T.contiguous(), z.T.contiguous(), What.T.contiguous()
@@ -233,11 +245,12 @@ def _cd_sweep(Wt, What, N, perm, s, z, maxq, quantize, block):
     What.copy_(QT.T)
     return What
 
-# %% ../nbs/llm/12_quantease.ipynb #aab1a835
+# %% ../nbs/llm/12_quantease.ipynb #6a409d86
 def _check_iters(iters):
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
         raise ValueError(f"iters must be an int >= 1, got {iters!r}")
 
+# %% ../nbs/llm/12_quantease.ipynb #4a5c280a
 def _cd_setup(H, W, act_order):
     "N = Σ/diag(Σ) with zero diagonal, and the column order (descending Σ_jj with act-order)."
     S, _ = _prep_H(H, W)
@@ -246,7 +259,7 @@ def _cd_setup(H, W, act_order):
     perm = torch.argsort(d, descending=True) if act_order else torch.arange(len(d), device=d.device)
     return N, perm
 
-# %% ../nbs/llm/12_quantease.ipynb #503c737d
+# %% ../nbs/llm/12_quantease.ipynb #1ed14197
 def quantease(W:Tensor, # (q, p) weight
               H:Tensor, # (p, p) Σ
               bits:int=4, # b
@@ -272,7 +285,7 @@ def quantease(W:Tensor, # (q, p) weight
         if history is not None: history.append((it, quant, layer_error(Wf, What, H)))
     return What.to(W.dtype)
 
-# %% ../nbs/llm/12_quantease.ipynb #ea7d028d
+# %% ../nbs/llm/12_quantease.ipynb #3dea05cc
 def gptq_quantease(W:Tensor, H:Tensor, bits:int=4, iters:int=10, grid:Grid|None=None, group_size:int|None=None,
                    mse:bool=False, damp:float=0.01, act_order:bool=True, history:list|None=None)->Tensor:
     "QuantEase started from the GPTQ solution with rounded sweeps only, so f can only go down from GPTQ's value."
@@ -281,7 +294,7 @@ def gptq_quantease(W:Tensor, H:Tensor, bits:int=4, iters:int=10, grid:Grid|None=
     Q0 = gptq_quantize(W, H, bits, grid=g, damp=damp, act_order=act_order)
     return quantease(W, H, bits, iters=iters, grid=g, init=Q0, relax=False, act_order=act_order, history=history)
 
-# %% ../nbs/llm/12_quantease.ipynb #3214bcbf
+# %% ../nbs/llm/12_quantease.ipynb #8d23cf46
 def _outlier_mask(S:Tensor, k:int, structured:bool)->Tensor:
     "P_S: the k entries of S largest in |·|, or (structured) its k input columns of largest ℓ2 norm."
     m = torch.zeros(S.shape, dtype=torch.bool, device=S.device)
@@ -290,11 +303,12 @@ def _outlier_mask(S:Tensor, k:int, structured:bool)->Tensor:
     else: m.view(-1)[S.abs().flatten().topk(k).indices] = True
     return m
 
+# %% ../nbs/llm/12_quantease.ipynb #dfefe06c
 def _n_outliers(q, p, frac, structured):
     "s: nonzero entries (unstructured) or nonzero columns (structured), rounded like the official code."
     return int(round(frac * p)) if structured else int(round(frac * q * p))
 
-# %% ../nbs/llm/12_quantease.ipynb #2682b2bc
+# %% ../nbs/llm/12_quantease.ipynb #eb54ac9e
 def quantease_outliers(W:Tensor, # (q, p) weight
                        H:Tensor, # (p, p) Σ
                        bits:int=3, # b
@@ -325,7 +339,7 @@ def quantease_outliers(W:Tensor, # (q, p) weight
         if history is not None: history.append((it, quant, layer_error(Wf, What + S, H)))
     return What.to(W.dtype), S.to(W.dtype)
 
-# %% ../nbs/llm/12_quantease.ipynb #40eff84d
+# %% ../nbs/llm/12_quantease.ipynb #525ae2af
 METHODS = ("rtn", "gptq", "quantease", "gptq_quantease", "quantease_outliers")
 VARIANTS = {
     "rtn": ("rtn", {}), "gptq": ("gptq", dict(act_order=False)), "gptq_act": ("gptq", dict(act_order=True)),
@@ -336,7 +350,7 @@ VARIANTS = {
     "structured_1": ("quantease_outliers", dict(outlier_frac=0.01, structured=True)),
 }
 
-# %% ../nbs/llm/12_quantease.ipynb #199196d3
+# %% ../nbs/llm/12_quantease.ipynb #74c5f1f1
 def quantize_weight(W:Tensor, H:Tensor, method:str, bits:int, iters:int=30, outlier_frac:float=0.01,
                     damp:float=0.01, act_order:bool=False, mse:bool=False, group_size:int|None=None,
                     structured:bool=False)->Tensor:
@@ -350,7 +364,7 @@ def quantize_weight(W:Tensor, H:Tensor, method:str, bits:int, iters:int=30, outl
     Q, S = quantease_outliers(W, H, bits, outlier_frac=outlier_frac, iters=iters, structured=structured, **kw)
     return Q + S
 
-# %% ../nbs/llm/12_quantease.ipynb #f6579a54
+# %% ../nbs/llm/12_quantease.ipynb #488fae7f
 def quantize_variant(W:Tensor, H:Tensor, name:str, # one of VARIANTS
                      bits:int, group_size:int|None=None,
                      outlier_iters:int|None=None, # sweeps of the outlier variants (default 30)
@@ -361,13 +375,14 @@ def quantize_variant(W:Tensor, H:Tensor, name:str, # one of VARIANTS
     if method == "quantease_outliers" and outlier_iters: kw = {**kw, "iters": outlier_iters}
     return quantize_weight(W, H, method, bits, group_size=group_size, **kw)
 
+# %% ../nbs/llm/12_quantease.ipynb #3e8afd12
 def check_variants(variants:list)->list:
     "Reject unknown variant names before any work starts."
     bad = [v for v in variants if v not in VARIANTS]
     if bad: raise ValueError(f"unknown variants {bad}; valid: {list(VARIANTS)}")
     return list(variants)
 
-# %% ../nbs/llm/12_quantease.ipynb #8a0032f5
+# %% ../nbs/llm/12_quantease.ipynb #01cda5f1
 def compare_on_layer(W:Tensor, H:Tensor, variants:list, bits:int, group_size:int|None=None,
                      outlier_iters:int|None=None)->list[dict]:
     "Every variant on the same (W, Σ): relative error and seconds, one dict per variant."
@@ -378,13 +393,14 @@ def compare_on_layer(W:Tensor, H:Tensor, variants:list, bits:int, group_size:int
         rows.append(dict(method=v, rel_error=rel_error(W, What, H), seconds=time.perf_counter() - t0))
     return rows
 
-# %% ../nbs/llm/12_quantease.ipynb #254d98b0
+# %% ../nbs/llm/12_quantease.ipynb #97a4c631
 def calib_hessian(X:Tensor, # (..., p) activations, channels last (as a Linear receives them)
                  )->Tensor:
     "Σ = XXᵀ summed over all tokens, in float64 then float32."
     X = X.detach().reshape(-1, X.shape[-1]).double()
     return (X.T @ X).float()
 
+# %% ../nbs/llm/12_quantease.ipynb #9a35cc68
 class HessianHook:
     "Forward pre-hook accumulating Σ = XXᵀ of a Linear's inputs over every call."
     def __init__(self, mod:nn.Linear):
@@ -395,7 +411,7 @@ class HessianHook:
         self.H += x.T @ x; self.n += x.shape[0]
     def remove(self): self.handle.remove()
 
-# %% ../nbs/llm/12_quantease.ipynb #8ff4046d
+# %% ../nbs/llm/12_quantease.ipynb #fa596f06
 class _Stop(Exception): pass
 
 def find_blocks(model:nn.Module)->nn.ModuleList:
@@ -412,7 +428,7 @@ def _forward(model, ids):
     if "use_cache" in inspect.signature(model.forward).parameters: return model(ids, use_cache=False)
     return model(ids)
 
-# %% ../nbs/llm/12_quantease.ipynb #13c7d2b0
+# %% ../nbs/llm/12_quantease.ipynb #e7c471ab
 def block_linears(model:nn.Module, n_blocks:int|None=None)->dict[str, nn.Linear]:
     "Linears inside the first `n_blocks` decoder blocks (all if None), named `block.path`."
     blocks = find_blocks(model)
@@ -421,7 +437,7 @@ def block_linears(model:nn.Module, n_blocks:int|None=None)->dict[str, nn.Linear]
     return {f"{i}.{n}": m for i, b in enumerate(blocks[:n_blocks]) for n, m in b.named_modules()
             if isinstance(m, nn.Linear)}
 
-# %% ../nbs/llm/12_quantease.ipynb #8e9e99df
+# %% ../nbs/llm/12_quantease.ipynb #92056457
 @torch.no_grad()
 def collect_hessians(model:nn.Module, calib:Tensor, # (n, T) calibration token ids
                      n_blocks:int|None=None, batch_size:int=8)->dict[str, Tensor]:
@@ -439,7 +455,7 @@ def collect_hessians(model:nn.Module, calib:Tensor, # (n, T) calibration token i
         if h: h.remove()
     return {n: (k.H / max(k.n, 1)).float() for n, k in hooks.items()}
 
-# %% ../nbs/llm/12_quantease.ipynb #57f4b26e
+# %% ../nbs/llm/12_quantease.ipynb #b223af7c
 @torch.no_grad()
 def quantize_with(model:nn.Module, hessians:dict, variant:str, bits:int, group_size:int|None=None,
                   outlier_iters:int|None=None)->tuple[nn.Module, list[dict]]:
@@ -454,7 +470,7 @@ def quantize_with(model:nn.Module, hessians:dict, variant:str, bits:int, group_s
         lin.weight.data.copy_(What.to(lin.weight.dtype))
     return qm, rows
 
-# %% ../nbs/llm/12_quantease.ipynb #8ca714da
+# %% ../nbs/llm/12_quantease.ipynb #24fe2bdd
 def sample_segments(tokens:Tensor, # 1-D token stream
                     n:int, seq_len:int, seed:int=0)->Tensor:
     "n random windows of seq_len tokens (the calibration set), reproducible by seed."
@@ -463,6 +479,7 @@ def sample_segments(tokens:Tensor, # 1-D token stream
     starts = torch.randint(0, tokens.numel() - seq_len, (n,), generator=g)
     return torch.stack([tokens[s:s+seq_len] for s in starts.tolist()])
 
+# %% ../nbs/llm/12_quantease.ipynb #4ec24d3a
 def eval_windows(tokens:Tensor, n_tokens:int, seq_len:int, seed:int=0)->Tensor:
     "A seed-chosen subset of the non-overlapping seq_len windows of `tokens` (≈ n_tokens), concatenated."
     n_win = tokens.numel() // seq_len
@@ -470,7 +487,7 @@ def eval_windows(tokens:Tensor, n_tokens:int, seq_len:int, seed:int=0)->Tensor:
     idx = torch.randperm(n_win, generator=torch.Generator().manual_seed(10_007 + seed))[:max(1, n_tokens // seq_len)]
     return tokens[:n_win * seq_len].view(n_win, seq_len)[idx.sort().values].reshape(-1)
 
-# %% ../nbs/llm/12_quantease.ipynb #963a363e
+# %% ../nbs/llm/12_quantease.ipynb #bd50b1e9
 def _block_inputs(model, blocks, batches):
     "Positional and keyword arguments the first block receives for every calibration batch."
     store = []
@@ -483,19 +500,21 @@ def _block_inputs(model, blocks, batches):
     finally: h.remove()
     return store
 
+# %% ../nbs/llm/12_quantease.ipynb #ec53835e
 def _run_block(block, inp):
     "Block output hidden states for one stored (args, kwargs)."
     args, kwargs = inp
     out = block(*args, **kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
 
+# %% ../nbs/llm/12_quantease.ipynb #bfc2d137
 def _with_hidden(inp, h):
     "The same call with the hidden states replaced."
     args, kwargs = inp
     if args: return (h,) + tuple(args[1:]), kwargs
     return args, {**kwargs, "hidden_states": h}
 
-# %% ../nbs/llm/12_quantease.ipynb #cf4ac956
+# %% ../nbs/llm/12_quantease.ipynb #8c052a9e
 def _linear_groups(block, inp):
     "Linears of a block in call order, grouped by the input they share (q/k/v; o; gate/up; down)."
     order, hs = [], []
@@ -513,7 +532,7 @@ def _linear_groups(block, inp):
         else: groups.append([(name, mod, x)])
     return [[(n, m) for n, m, _ in g] for g in groups]
 
-# %% ../nbs/llm/12_quantease.ipynb #3c685e83
+# %% ../nbs/llm/12_quantease.ipynb #6c1dce4f
 def _quantize_group(block, grp, inps, bi, method, bits, kw):
     "Σ of one group of linears from the current (partly quantized) block, then quantize each; records."
     hooks, recs = {n: HessianHook(m) for n, m in grp}, []
@@ -529,7 +548,7 @@ def _quantize_group(block, grp, inps, bi, method, bits, kw):
         m.weight.data.copy_(What.to(m.weight.dtype))
     return recs
 
-# %% ../nbs/llm/12_quantease.ipynb #bab2beb4
+# %% ../nbs/llm/12_quantease.ipynb #2723b895
 @torch.no_grad()
 def quantize_model(model:nn.Module, # decoder LM (lipapers.lm model or transformers Llama); modified in place
                    calib:Tensor, # (n, T) calibration token ids
@@ -551,7 +570,7 @@ def quantize_model(model:nn.Module, # decoder LM (lipapers.lm model or transform
         inps = [_with_hidden(inp, _run_block(block, inp)) for inp in inps]
     return recs
 
-# %% ../nbs/llm/12_quantease.ipynb #a2307db6
+# %% ../nbs/llm/12_quantease.ipynb #d0f39bfa
 def log_layer_rows(rec, rows:list[dict], **keys):
     "Log per-layer `layer_rel_error` and `layer_seconds` rows, and per-variant `geo_rel_error` over the layers."
     geo = {}
@@ -561,7 +580,7 @@ def log_layer_rows(rec, rows:list[dict], **keys):
         geo.setdefault(r["method"], []).append(math.log(max(r["rel_error"], 1e-30)))
     return {m: rec.log(m, "geo_rel_error", math.exp(sum(v) / len(v)), **keys) for m, v in geo.items()}
 
-# %% ../nbs/llm/12_quantease.ipynb #d402a0c8
+# %% ../nbs/llm/12_quantease.ipynb #290692c3
 def max_rounded_increase(W:Tensor, H:Tensor, bits:int, iters:int=30)->tuple[float, list]:
     "Largest rise of f/‖WX‖² between consecutive rounded QuantEase sweeps (≤ 0 by Eq. 2), and the sweep history."
     hist, f0 = [], layer_error(W, torch.zeros_like(W), H)
@@ -569,7 +588,7 @@ def max_rounded_increase(W:Tensor, H:Tensor, bits:int, iters:int=30)->tuple[floa
     ups = [(b[2] - a[2]) / f0 for a, b in zip(hist[1:], hist[2:]) if a[1] and b[1]]
     return max(ups + [0.0]), hist
 
-# %% ../nbs/llm/12_quantease.ipynb #827d7384
+# %% ../nbs/llm/12_quantease.ipynb #c5600bbd
 def load_model(name:str)->tuple[nn.Module, object]:
     "`(model, tokenizer)`: a lipapers.lm pretrained model (`tiny`, `small`) or SmolLM2-135M (`smollm2`)."
     from lipapers.lm import pretrained, load_smollm2
@@ -577,7 +596,7 @@ def load_model(name:str)->tuple[nn.Module, object]:
     if name == "smollm2": return load_smollm2()
     raise ValueError(f"model_name must be one of none, tiny, small, smollm2, got {name!r}")
 
-# %% ../nbs/llm/12_quantease.ipynb #a5ac0184
+# %% ../nbs/llm/12_quantease.ipynb #3c31fc2b
 def run_model_bed(rec, model:nn.Module, train_ids:Tensor, valid_ids:Tensor, variants:list, bits_list:list,
                   seed:int, n_calib:int=16, calib_len:int=128, eval_tokens:int=4096, group_size:int=0,
                   n_blocks:int=0, outlier_iters:int|None=None, **keys):
@@ -596,7 +615,7 @@ def run_model_bed(rec, model:nn.Module, train_ids:Tensor, valid_ids:Tensor, vari
         log_layer_rows(rec, rows, bits=b, **keys)
     return Hs
 
-# %% ../nbs/llm/12_quantease.ipynb #cac0be83
+# %% ../nbs/llm/12_quantease.ipynb #ebb5e14e
 def derived_rows(df, base:str="gptq_act")->list[dict]:
     "Per (bed, group, bits, seed): share of layers below `base`, seconds ratio to it, RTN's perplexity cost."
     import polars as pl
@@ -611,7 +630,7 @@ def derived_rows(df, base:str="gptq_act")->list[dict]:
             out.append(dict(zip(k, key), method=m, metric="time_ratio_to_gptq", value=secs[m] / secs[base]))
     return out
 
-# %% ../nbs/llm/12_quantease.ipynb #52457072
+# %% ../nbs/llm/12_quantease.ipynb #10383ac4
 def ppl_rows(df)->list[dict]:
     "Per (bed, group, seed): RTN's perplexity cost over FP32 (%) per bits, and 3-bit perplexity above 4-bit QuantEase."
     import polars as pl
@@ -625,7 +644,7 @@ def ppl_rows(df)->list[dict]:
             if ref4 and b == 3: out.append(dict(key, metric="ppl_above_4bit_pct", value=100 * (x / ref4 - 1)))
     return out
 
-# %% ../nbs/llm/12_quantease.ipynb #c9ad6f10
+# %% ../nbs/llm/12_quantease.ipynb #131ce7cf
 def status_or_not_run(claims:list, frame, chapter:str="quantease"):
     "`status_table` of the claims whose rows exist, plus a `not run` row for each claim without rows."
     import polars as pl
