@@ -1,21 +1,26 @@
-"""Tests of lipapers.lirank: each layer against its formula or a limiting case, metrics against scikit-learn,
-off-policy estimators against exact values, and the error contract.
+"""Tests of lipapers.lirank: each layer against its formula or a limiting case, the planted crosses against the world's
+oracle, the baselines wired through lipapers.baselines, the experiment functions on tiny worlds, and the error contract.
 
 Tolerances: float32 layers use torch.testing defaults (rtol 1.3e-6, atol 1e-5); float64 checks use rtol 1e-7/1e-10;
-the quantization bound is s/2 per row plus float32 rounding of m and s (relative 1e-4 of s, absolute 1e-7)."""
+the quantization bound is s/2 per row plus float32 rounding of m and s (relative 1e-4 of s, absolute 1e-7); the planted
+cross terms are compared in float32 (the world stores true_logit as float32): atol 1e-4."""
 import math
 
 import numpy as np
+import polars as pl
 import pytest
 import torch
-from sklearn.metrics import log_loss, roc_auc_score
 
+import lipapers.baselines as baselines
+import lipapers.lirank as lr
+from lipapers.baselines import calibration_error
 from lipapers.lirank import (
-    CrossNetV2, DenseGating, IncrementalPenalty, IsotonicCalibration, MLP, NeuralLinearTS, QREmbedding,
-    QuantizedEmbedding, RankingModel, ResidualDCN, binary_metrics, dequantize_rowwise, dr_value, emb_nbytes,
-    empirical_fisher, fit, incremental_init, ips_value, posthoc_isotonic, predict, quantize_embeddings,
-    quantize_rowwise, snapshot,
+    ARMS, SPARSE, CrossNetV2, DenseGating, IncConfig, IncrementalPenalty, IsotonicCalibration, MLP, QREmbedding,
+    QuantizedEmbedding, RankingModel, ResidualDCN, TrainConfig, ablation, dequantize_rowwise, emb_nbytes,
+    empirical_fisher, feed_batch, fit, incremental, incremental_init, make_model, multitask, paired_lifts,
+    posthoc_isotonic, predict, quantize_embeddings, quantize_rowwise, snapshot, split_world,
 )
+from lipapers.world import START_EPOCH, World
 
 torch.set_num_threads(1)
 
@@ -261,18 +266,6 @@ def test_same_seed_same_result():
     np.testing.assert_array_equal(run(), run())
 
 
-def test_binary_metrics_match_sklearn_and_hand_ece():
-    rng = np.random.default_rng(0)
-    p = rng.uniform(0.01, 0.99, 500)
-    y = (rng.uniform(size=500) < p ** 2).astype(int)
-    met = binary_metrics(y, p, n_bins=10)
-    assert met["auc"] == roc_auc_score(y, p) and met["logloss"] == log_loss(y, p)
-    bins = np.minimum((p * 10).astype(int), 9)  # equal-width bins, hand-computed ECE
-    ece = sum((bins == b).mean() * abs(y[bins == b].mean() - p[bins == b].mean()) for b in range(10) if (bins == b).any())
-    assert met["ece"] == pytest.approx(ece, rel=1e-5)
-    assert met["oe"] == pytest.approx(y.sum() / p.sum())
-
-
 def test_posthoc_isotonic_is_monotone_and_calibrates():
     rng = np.random.default_rng(1)
     p = rng.uniform(0.01, 0.99, 4000)
@@ -280,7 +273,7 @@ def test_posthoc_isotonic_is_monotone_and_calibrates():
     pc = posthoc_isotonic(p[:2000], y[:2000], p[2000:])
     order = np.argsort(p[2000:])
     assert (np.diff(pc[order]) >= 0).all()
-    assert binary_metrics(y[2000:], pc)["ece"] < binary_metrics(y[2000:], p[2000:])["ece"] / 3
+    assert calibration_error(y[2000:], pc) < calibration_error(y[2000:], p[2000:]) / 3
 
 
 def test_quantize_embeddings_model_size_and_parity():
@@ -330,162 +323,104 @@ def test_incremental_penalty_formula_and_gradient():
     torch.testing.assert_close(lin.weight.detach(), 0.3 * w0["weight"] + 0.7 * wp["weight"])
 
 
-def test_neural_linear_posterior_matches_closed_form_ridge():
-    g = torch.Generator().manual_seed(16)
-    Z = torch.randn(200, 4, generator=g)
-    r = Z @ torch.tensor([1.0, -2.0, 0.5, 0.0]) + 0.1 * torch.randn(200, generator=g)
-    ts = NeuralLinearTS(4, lam=2.0, noise=0.5).update(Z[:120], r[:120]).update(Z[120:], r[120:])
-    Zd, rd = Z.double(), r.double()
-    A = 2.0 * torch.eye(4, dtype=torch.float64) + Zd.T @ Zd / 0.25
-    torch.testing.assert_close(ts.mean, torch.linalg.solve(A, Zd.T @ rd / 0.25))
-    torch.testing.assert_close(ts.cov, torch.linalg.inv(A))
-    S = ts.sample(20000, torch.Generator().manual_seed(0))
-    torch.testing.assert_close(S.mean(0), ts.mean, atol=0.01, rtol=0)  # posterior sd is ~0.03 here
 
 
-def test_thompson_action_dist_is_a_distribution_and_greedy_is_argmax():
-    g = torch.Generator().manual_seed(17)
-    ts = NeuralLinearTS(3, lam=1.0, noise=1.0).update(torch.randn(10, 3, generator=g), torch.randn(10, generator=g))
-    Z = torch.randn(6, 5, 3, generator=g)
-    pi = ts.action_dist(Z, n_samples=300, generator=g)
-    torch.testing.assert_close(pi.sum(1), torch.ones(6, dtype=torch.float64))
-    greedy = ts.action_dist(Z, greedy=True)
-    best = torch.einsum("nad,d->na", Z.double(), ts.mean).argmax(1)
-    torch.testing.assert_close(greedy, torch.nn.functional.one_hot(best, 5).double())
+SMALL = dict(n_posts=200, n_members=300)
+TINY = TrainConfig(emb_dim=4, hidden=(8,), rank=2, epochs=1, batch_size=512)
 
 
-def test_ips_of_logging_policy_equals_empirical_value():
-    rng = np.random.default_rng(18)
-    n, k = 3000, 6
-    logits = rng.normal(size=(n, k))
-    pi_b = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)  # a context-dependent logging policy
-    a = np.array([rng.choice(k, p=p) for p in pi_b])
-    r = rng.binomial(1, 0.1 + 0.1 * (a % 2))
-    est = ips_value(r, a, pi_b[np.arange(n), a], pi_b)
-    assert est["value"] == pytest.approx(r.mean(), rel=1e-12)
-    uniform = np.full((n, k), 1 / k)
-    assert ips_value(r, a, np.full(n, 1 / k), uniform)["value"] == pytest.approx(r.mean(), rel=1e-12)
+def test_cross_knob_terms_appear_in_the_oracle_and_nowhere_else():
+    """Same seed, κ = 0 vs κ = 2: identical impressions and model inputs; the true logit moves by exactly κ·Σβx."""
+    w0, w2 = World.generate(0, cross_strength=0.0, **SMALL), World.generate(0, cross_strength=2.0, **SMALL)
+    i0, i2 = w0.feed_impressions(3000), w2.feed_impressions(3000)
+    same = ["member_id", "post_id", "position", "timestamp", "age_hours", "is_connection", "true_affinity"]
+    assert i0.select(same).equals(i2.select(same))
+    b0, st = feed_batch(w0, i0)
+    b2, _ = feed_batch(w2, i2, stats=st)
+    assert set(b0) == set(SPARSE) | {"dense", "click"}  # no true_logit, true_affinity or p_* column reaches a model
+    for k in (*SPARSE, "dense"):
+        torch.testing.assert_close(b0[k], b2[k], rtol=0, atol=0)
+    m, p = i0["member_id"].to_numpy(), i0["post_id"].to_numpy()
+    t = (i0["timestamp"] - i0["position"] - START_EPOCH).to_numpy() / 3600
+    cross = w2._feed_cross(m, p, t, i0["is_connection"].to_numpy(), i0["age_hours"].to_numpy().astype(np.float64))
+    assert np.abs(cross).max() > 0.5
+    dz = i2["true_logit"].to_numpy().astype(np.float64) - i0["true_logit"].to_numpy()
+    np.testing.assert_allclose(dz, 2.0 * cross, atol=1e-4)
+    assert not np.allclose(i0["p_click"].to_numpy(), i2["p_click"].to_numpy())  # the oracle sees them
 
 
-def test_dr_reduces_to_ips_and_to_direct_method():
-    rng = np.random.default_rng(19)
-    n, k = 500, 4
-    a = rng.integers(0, k, n)
-    r = rng.binomial(1, 0.3, n)
-    pi = rng.dirichlet(np.ones(k), n)
-    ps = np.full(n, 1 / k)
-    # q_hat = 0 gives IPS exactly
-    assert dr_value(r, a, ps, pi, np.zeros((n, k)))["value"] == pytest.approx(ips_value(r, a, ps, pi)["value"])
-    # a q_hat that is exact on the logged actions gives the direct method
-    q = rng.uniform(size=(n, k))
-    q[np.arange(n), a] = r
-    assert dr_value(r, a, ps, pi, q)["value"] == pytest.approx((pi * q).sum(1).mean())
+def test_baselines_are_the_shared_module(monkeypatch):
+    calls = []
+    real = baselines.ranking_baselines
+
+    def spy(*a, **k):
+        calls.append(k)
+        return real(*a, **k)
+
+    monkeypatch.setattr(baselines, "ranking_baselines", spy)
+    df = ablation(0, 2.0, TINY, arms=("mlp",), n_impressions=5000, **SMALL)
+    assert len(calls) == 1 and calls[0]["oracle"] is not None and calls[0]["items_train"] is not None
+    auc = df.filter(pl.col("metric") == "auc")
+    assert set(auc["method"]) == {"popularity", "logistic_regression", "gbdt", "oracle", "mlp"}
+    w, tr, va, te = split_world(0, 5000, cross_strength=2.0, **SMALL)
+    fr = pl.concat([tr, va])
+    ref = real(w.feed_features(fr, extended=True)[0], fr["click"].to_numpy(), w.feed_features(te, extended=True)[0],
+               te["click"].to_numpy(), methods=("logistic_regression",))
+    got = auc.filter(pl.col("method") == "logistic_regression")["value"].item()
+    assert got == pytest.approx(ref["auc"].item(), abs=1e-12)
 
 
-def test_ope_on_synthetic_bandit_recovers_true_value():
-    rng = np.random.default_rng(20)
-    n, k = 40000, 5
-    true_q = np.array([0.05, 0.1, 0.2, 0.3, 0.4])
-    a = rng.integers(0, k, n)
-    r = rng.binomial(1, true_q[a])
-    pi = np.tile(np.array([0, 0, 0.2, 0.3, 0.5]), (n, 1))
-    v = (pi[0] * true_q).sum()
-    for est in (ips_value(r, a, np.full(n, 1 / k), pi), dr_value(r, a, np.full(n, 1 / k), pi, np.full((n, k), 0.2))):
-        assert abs(est["value"] - v) < 4 * est["se"]
+def test_ablation_rows_qr_and_int8():
+    df = ablation(1, 1.0, TINY, arms=("lowrank_dcnv2", "dense_gating"), n_impressions=5000, qr_factors=(4,), int8=True,
+                  **SMALL)
+    methods = set(df.filter(pl.col("metric") == "auc")["method"])
+    assert {"qr_4", "lowrank_int8", "posthoc_isotonic", "dense_gating"} <= methods
+    rows = df.filter(pl.col("metric") == "emb_rows")["value"].item()
+    assert rows == 2 * (math.ceil(300 / 75) + 75) + (math.ceil(200 / 50) + 50)  # member, author (N=300), post (N=200)
+    assert (df["kappa"] == 1.0).all() and (df["seed"] == 1).all()
 
 
-# ---------------------------------------------------------------- bad inputs
+def test_incremental_and_multitask_rows():
+    inc = incremental(0, 1.0, TINY, IncConfig(n_windows=3, fisher_n=32, epochs=1), 6000, **SMALL)
+    assert set(inc["method"]) == {"cold", "warm", "incremental"} and set(inc["step"]) == {1}
+    assert set(inc["metric"]) == {"auc_next", "auc_old", "train_seconds"} and inc["value"].is_finite().all()
+    mt = multitask(0, 0.3, TINY, 6000, **SMALL)
+    assert set(mt["method"]) == {"shared", "grouped"} and (mt["task_corr"] == 0.3).all()
+    assert set(mt.filter(pl.col("metric") == "auc")["task"]) == set(lr.MTL_TASKS)
+
+
+def test_paired_lifts_match_hand_computation():
+    df = pl.DataFrame(dict(kappa=[0.0] * 4, seed=[0, 0, 1, 1], method=["mlp", "dcn"] * 2, metric=["auc"] * 4,
+                           value=[0.80, 0.808, 0.90, 0.891]))
+    r = paired_lifts(df, "mlp", ["dcn"], "kappa").row(0, named=True)
+    assert r["lift"] == pytest.approx((1.0 - 1.0) / 2) and r["n"] == 2
+
+
 def test_bad_inputs_give_clear_errors():
-    data = _data(50)
-    m = RankingModel(CARDS, 4, emb_dim=4, hidden=(8,))
-    with pytest.raises(ValueError, match="unknown batch keys.*colour.*valid"):
-        m.check({**data, "colour": data["user"]})
-    with pytest.raises(ValueError, match="missing.*item"):
-        m.check({k: v for k, v in data.items() if k != "item"})
-    with pytest.raises(ValueError, match=r"shape \(B, 4\)"):
-        m.check({**data, "dense": torch.randn(50, 3)})
-    with pytest.raises(ValueError, match="outside"):
-        m.check({**data, "user": data["user"] + 40})
-    with pytest.raises(ValueError, match="missing.*click"):
-        fit(m, {k: v for k, v in data.items() if k != "click"})
-    with pytest.raises(ValueError, match="cross must be one of"):
-        RankingModel(CARDS, cross="dcn3")
-    with pytest.raises(ValueError, match="calib_feature.*valid"):
-        RankingModel(CARDS, isotonic=True, calib_feature="device")
-    with pytest.raises(ValueError, match="qr names unknown"):
-        RankingModel(CARDS, qr={"usr": 4})
-    with pytest.raises(ValueError, match=r"x0 must have shape \(B, 8\)"):
-        CrossNetV2(8)(torch.randn(2, 7))
-    with pytest.raises(ValueError, match="rank must be a positive int"):
-        CrossNetV2(8, rank=0)
-    with pytest.raises(ValueError, match="tau must be a positive"):
-        ResidualDCN(8, tau=0)
-    with pytest.raises(ValueError, match="agg must be one of"):
-        QREmbedding(10, 2, agg="concat")
-    with pytest.raises(ValueError, match="scheme must be one of"):
-        quantize_rowwise(torch.randn(2, 3), scheme="absmax")
-    with pytest.raises(ValueError, match="2-D float"):
-        quantize_rowwise(torch.randint(0, 3, (2, 3)))
-    with pytest.raises(ValueError, match="calib ids are required"):
-        IsotonicCalibration(n_calib=2)(torch.randn(3))
-    with pytest.raises(ValueError, match="alpha must be in"):
-        IncrementalPenalty({}, {}, {}, {}, alpha=1.5)
-    with pytest.raises(ValueError, match="pscore"):
-        ips_value([1, 0], [0, 1], [0.0, 0.5], np.full((2, 2), 0.5))
-    with pytest.raises(ValueError, match="sum to 1"):
-        ips_value([1, 0], [0, 1], [0.5, 0.5], np.full((2, 2), 0.3))
-    with pytest.raises(ValueError, match="q_hat"):
-        dr_value([1, 0], [0, 1], [0.5, 0.5], np.full((2, 2), 0.5), np.zeros((2, 3)))
-    with pytest.raises(ValueError, match="y and p"):
-        binary_metrics([0, 1], [0.5])
-
-
-def test_middle_max_and_min_max_share_the_grid():
-    # m = min + 2^(b-1) s, so both schemes reconstruct the same values (codes differ by 2^(b-1))
-    torch.manual_seed(21)
-    w = torch.randn(50, 33, dtype=torch.float64).float()
-    a, b = quantize_rowwise(w, scheme="middle_max"), quantize_rowwise(w, scheme="min_max")
-    torch.testing.assert_close(a[0].long() + 128, b[0].long(), atol=1, rtol=0)  # equal up to a rounding tie
-    torch.testing.assert_close(dequantize_rowwise(*a), dequantize_rowwise(*b), rtol=0, atol=float(b[1].max()) * 1.01)
-
-
-# ---------------------------------------------------------------- feature builders on the real substrates
-def test_movielens_features_match_ratings():
-    from lipapers.data import movielens_100k
-    from lipapers.lirank import movielens_features
-    ml = movielens_100k()
-    d, cards = movielens_features(ml)
-    assert len(d["like"]) == 100_000 and d["dense"].shape == (100_000, 20)
-    assert d["like"].float().mean().item() == pytest.approx((ml.ratings["rating"].to_numpy() >= 4).mean())
-    RankingModel(cards, n_dense=20, tasks=("like",)).check(d, labels=True)  # every id inside its table
-    ts = ml.ratings.sort("timestamp", maintain_order=True)
-    np.testing.assert_array_equal(d["user_id"].numpy(), ts["user_id"].to_numpy())  # time-ordered rows
-
-
-def test_world_features_fit_the_model():
-    from lipapers.lirank import world_features
-    from lipapers.world import World
-    w = World.generate(seed=1, n_members=60, n_posts=120, n_companies=10, n_jobs=20)
-    imps = w.feed_impressions(700)
-    d, cards = world_features(w, imps, ("click", "long_dwell"))
-    m = RankingModel(cards, n_dense=d["dense"].shape[1], emb_dim=4, hidden=(8,), tasks=("click", "long_dwell"))
-    assert m.check(d, labels=True) == 700 and m(d).shape == (700, 2)
+    w = World.generate(0, **SMALL)
+    with pytest.raises(ValueError, match="arm must be one of"):
+        make_model("dcn", {"post_id": 5}, 3, TINY, 0)
+    with pytest.raises(ValueError, match="unknown arms"):
+        ablation(0, 0.0, TINY, arms=("transformer",))
     with pytest.raises(ValueError, match="unknown task columns"):
-        world_features(w, imps, ("clicks",))
-
-
-def test_obd_uniform_logging_policy_ips_equals_ctr_and_candidates():
-    from lipapers.data import open_bandit
-    from lipapers.lirank import obd_candidates, obd_features
-    rand = open_bandit("random")
-    (d,), cards, (aff,) = obd_features(rand)
-    r, a = d["click"].numpy(), d["item_id"].numpy()
-    est = ips_value(r, a, rand.log["propensity"].to_numpy(), np.full((len(r), 80), 1 / 80))
-    assert est["value"] == pytest.approx(r.mean(), rel=1e-12) and r.sum() == 38
-    f0 = rand.items.sort("item_id")["item_feature_0"].to_numpy()
-    sub = {k: v[:3] for k, v in d.items() if k != "click"}
-    c = obd_candidates(sub, aff[:3], f0)
-    assert len(c["item_id"]) == 240 and (c["item_id"][:80] == torch.arange(80)).all()
-    torch.testing.assert_close(c["dense"][:, 0], torch.from_numpy(aff[:3].ravel()).float())
-    assert (c["position"][:80] == d["position"][0]).all()
-    RankingModel(cards, n_dense=2).check(c)
+        feed_batch(w, w.feed_impressions(100), tasks=("purchase",))
+    with pytest.raises(ValueError, match="n_windows must be >= 3"):
+        IncConfig(n_windows=2)
+    with pytest.raises(ValueError, match="alpha must be in"):
+        IncConfig(alpha=1.5)
+    with pytest.raises(ValueError, match="cross must be one of"):
+        RankingModel({"a": 3}, cross="dcn3")
+    with pytest.raises(ValueError, match="needs sparse features"):
+        RankingModel({}, 0)
+    with pytest.raises(ValueError, match="qr names unknown features"):
+        RankingModel({"a": 3}, qr={"b": 2})
+    with pytest.raises(ValueError, match="must be a positive int"):
+        QREmbedding(0, 4)
+    with pytest.raises(ValueError, match="scheme must be one of"):
+        quantize_rowwise(torch.ones(2, 2), scheme="absmax")
+    with pytest.raises(ValueError, match="alpha must be in"):
+        IncrementalPenalty({}, {}, {}, {}, alpha=2)
+    with pytest.raises(ValueError, match="outside"):
+        RankingModel({"a": 3}).check({"a": torch.tensor([3])})
+    with pytest.raises(ValueError, match="tau must be > 0"):
+        ResidualDCN(4, tau=0)
