@@ -308,3 +308,114 @@ def test_bad_inputs_give_clear_errors():
     with pytest.raises(ValueError, match="unknown dtype"):
         Index(4, SCHEMA, dtype="bf8")
     assert len(ix) == 20  # failed upserts wrote nothing
+
+
+# ---- learned similarity, baselines and the experiment helpers (world v2) ----
+
+import polars as pl
+
+from lipapers import baselines
+from lipapers.linr import (MoL, ann_arm, check_arms, eval_clicks, hit_rate, oracle_scorer, popularity_scorer,
+                           train_sampled_softmax, two_tower_vectors, world_clicks)
+from lipapers.world import World
+
+
+@pytest.fixture(scope="module")
+def small_world():
+    w = World.generate(seed=3, n_members=120, n_posts=400, n_interests=3, exposure="uniform", affinity=5.0)
+    return w, world_clicks(w, 30_000, cold_frac=0.25, seed=3)
+
+
+@pytest.mark.parametrize("n_users,n_items,f,dim", [(1, 1, 1, 1), (7, 30, 5, 4), (13, 101, 9, 6)])
+def test_mol_with_one_component_is_the_dot_product(n_users, n_items, f, dim):
+    "One member and one post component: the gate is a softmax over one logit, so MoL = dot for any gate weights."
+    x = torch.randn(n_items, f)
+    mol = MoL(n_users, x, dim=dim, mode="mol")
+    for p in (mol.gu, mol.gv, mol.gd):
+        torch.nn.init.normal_(p.weight, std=3.0)  # far from uniform gates
+    dot = MoL(n_users, x, dim=dim, mode="dot")
+    dot.load_state_dict(mol.state_dict())
+    u, i = torch.arange(n_users), torch.arange(n_items)
+    ref = mol.U[0](u) @ mol.W(x).T + mol.b(i)[:, 0][None]  # written out: ⟨f, g⟩ + b
+    torch.testing.assert_close(mol(u, i), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dot(u, i), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_mol_uniform_gates_equal_the_summed_dot_product():
+    "Several components with zero gate weights: uniform π, and P·Q·mean(δ) = (Σf)·(Σg)."
+    x, uc, ic = torch.randn(40, 6), torch.randint(0, 5, (9,)), torch.randint(0, 5, (40,))
+    mol = MoL(9, x, 5, uc, ic, dim=4, n_user=3, mode="mol")
+    for p in (mol.gu, mol.gv, mol.gd):
+        torch.nn.init.zeros_(p.weight)
+    torch.nn.init.zeros_(mol.gu.bias)
+    dot = MoL(9, x, 5, uc, ic, dim=4, n_user=3, mode="dot")
+    dot.load_state_dict(mol.state_dict())
+    u, i = torch.arange(9), torch.arange(40)
+    assert (mol.P, mol.Q) == (4, 2)
+    torch.testing.assert_close(mol(u, i), dot(u, i), rtol=1e-5, atol=1e-5)
+
+
+def test_mol_gates_are_a_distribution_and_bad_inputs_fail():
+    x = torch.randn(20, 3)
+    with pytest.raises(ValueError, match="valid: mol, dot"):
+        MoL(4, x, mode="cosine")
+    with pytest.raises(ValueError, match="needs user_cluster"):
+        MoL(4, x, n_clusters=3)
+    with pytest.raises(ValueError, match="unknown arm"):
+        check_arms("filter,knn")
+    with pytest.raises(ValueError, match="needs a dot model"):
+        two_tower_vectors(MoL(4, x, mode="mol"), 4, 20)
+
+
+def test_hit_rate_matches_a_numpy_rank():
+    g = torch.Generator().manual_seed(0)
+    S = torch.randn(50, 80, generator=g)
+    users, items = torch.randint(0, 50, (200,), generator=g), torch.randint(0, 80, (200,), generator=g)
+    s = S.numpy()
+    for K in (1, 5, 40, 80):
+        ref = np.mean([(s[u] >= s[u, i]).sum() <= K for u, i in zip(users.tolist(), items.tolist())])
+        assert hit_rate(lambda u: S[u], users, items, K, chunk=7) == pytest.approx(ref)
+
+
+def test_baselines_come_from_the_shared_modules(small_world):
+    "Popularity is lipapers.baselines.popularity on the training impressions; the oracle is World.post_logit."
+    w, d = small_world
+    n = w.cfg.n_posts
+    pop = popularity_scorer(d, n)(torch.arange(3))
+    want = baselines.popularity(d.imp_items, d.imp_clicks, np.arange(n))
+    np.testing.assert_allclose(pop[0].numpy(), want, rtol=1e-6)
+    assert torch.equal(pop[0], pop[2])  # the same ranking for every member
+    orc = oracle_scorer(w)(torch.tensor([5, 17]))
+    np.testing.assert_allclose(orc[1].numpy(), w.post_logit(np.full(n, 17), np.arange(n)), rtol=1e-6)
+
+
+def test_world_clicks_split_keeps_cold_members_out_of_training(small_world):
+    w, d = small_world
+    assert len(d.u_tr) > 100 and len(d.u_te) > 10
+    assert not d.cold[d.u_tr].any()
+    u, i = eval_clicks(d, 10_000)
+    assert not d.cold[u].any() and set(u.tolist()) <= set(d.u_tr.tolist())
+    uc, _ = eval_clicks(d, 10_000, cold=True)
+    assert d.cold[uc].all()
+    assert len(d.imp_items) == len(d.imp_clicks) and d.imp_clicks.sum() == len(d.u_tr)
+
+
+def test_training_lowers_the_loss_and_two_tower_vectors_reproduce_the_scores(small_world):
+    w, d = small_world
+    torch.manual_seed(0)
+    m = MoL(w.cfg.n_members, torch.from_numpy(w.e).float(), dim=8, mode="dot")
+    log = train_sampled_softmax(m, d.u_tr, d.i_tr, w.cfg.n_posts, epochs=3, batch=64, n_neg=64, seed=0)
+    assert np.mean(log.losses[-5:]) < np.mean(log.losses[:5])
+    U, V = two_tower_vectors(m, w.cfg.n_members, w.cfg.n_posts)
+    with torch.no_grad():
+        torch.testing.assert_close(U[:4] @ V.T, m(torch.arange(4), torch.arange(w.cfg.n_posts)), rtol=1e-5, atol=1e-5)
+
+
+def test_ann_arm_exact_methods_have_recall_one():
+    g = torch.Generator().manual_seed(1)
+    V, U = torch.randn(2000, 9, generator=g), torch.randn(16, 9, generator=g)
+    rows = pl.DataFrame(ann_arm(U, V, k=10, nprobes=(1, 10_000), keeps=(1.0,), repeats=1))
+    rec = dict(rows.filter(pl.col("metric") == "ann_recall").select("method", "value").iter_rows())
+    assert rec["exact_v1"] == 1.0 and rec["faiss_flat"] == 1.0
+    assert rec["ivf_nprobe10000"] == 1.0 and rec["v3_keep1"] == 1.0  # visiting every list / keeping every item is exact
+    assert rec["ivf_nprobe1"] < 1.0
