@@ -78,15 +78,16 @@ def test_mm_equals_cd_on_binary_features(hec):
 @pytest.mark.parametrize("seed", range(6))
 def test_mm_objective_never_rises_and_reaches_the_mle(seed):
     rng = np.random.default_rng(seed)
-    X, y, _ = synthetic_poisson(300, 4, seed=seed)
+    X, y, _ = synthetic_poisson(200, 4, seed=seed)
     X[:, 1:] *= rng.uniform(0.3, 2.0, X.shape[1] - 1)  # different ranges M_j
     r = fit_loglinear(X, y, "mm", tol=1e-11, max_sweeps=20000)
     f = np.array([h[2] for h in r.history])
     assert np.all(np.diff(f) <= 1e-9 * y.sum())
     g = glm_reference(X, y)
     np.testing.assert_allclose(r.beta, g.beta, atol=1e-6)
-    gis = fit_loglinear(X, y, "gis", tol=1e-9, max_sweeps=50000)
-    np.testing.assert_allclose(gis.beta, g.beta, atol=1e-5)
+    if seed < 2:  # GIS (thousands of sweeps) on two of the seeds keeps the file fast
+        gis = fit_loglinear(X, y, "gis", tol=1e-9, max_sweeps=50000)
+        np.testing.assert_allclose(gis.beta, g.beta, atol=1e-5)
 
 
 def test_mm_step_is_the_surrogate_minimiser():
