@@ -955,7 +955,8 @@ def credit_timing(fit: FitResult, data: MemberWeeks, n: int = 1024, ig_steps: in
     d = data.take(torch.arange(min(n, len(data))))
     ch, tb = _trim(d.ch, d.tb)
     m, C = fit.model, fit.model.n_channels
-    t = bench_compare({"forward": lambda: torch.no_grad()(m)(ch, tb), "attention": lambda: attention_credits(m, ch, tb)},
+    fns = {"forward": lambda: torch.no_grad()(m)(ch, tb), "attention": lambda: attention_credits(m, ch, tb)}
+    t = bench_compare(fns,
                       repeats=repeats, warmup=1)
     once = bench_compare({"ig": lambda: ig_credits(m, ch, tb, ig_steps),
                           "model_shapley": lambda: model_shapley_credits(fit, d, C, len(d))}, repeats=1, warmup=0)

