@@ -203,7 +203,7 @@ def with_run_outputs(nb:dict, run:Path, chapter:str)->dict:
         if c["cell_type"] == "code" and c.get("id") in outs: c["outputs"] = outs[c["id"]]
     if ex.get("metadata", {}).get("widgets"): nb.setdefault("metadata", {})["widgets"] = ex["metadata"]["widgets"]
     info, env = _run_info(run), json.loads((Path(run)/"env.json").read_text())
-    note = (f":::{{note}}\nThis page shows run `{Path(run).name}` (finished {info.get('finished', '?')}, on "
+    note = (f":::{{note}}\nThis page shows run {Path(run).name} (finished {info.get('finished', '?')}, on "
             f"{env.get('device_name') or env.get('device') or '?'}): the latest complete default run of this chapter on this machine, "
             f"not the outputs committed with the notebook. `lipapers runs {chapter}` lists every run.\n:::\n")
     at = 1 if nb["cells"] and nb["cells"][0]["cell_type"] == "raw" else 0
@@ -215,6 +215,7 @@ _CONF = '''project = {title!r}
 html_title = {title!r}
 extensions = ["myst_nb"]
 nb_execution_mode = "off"
+nb_render_markdown_format = "myst"
 myst_enable_extensions = ["colon_fence", "attrs_inline", "attrs_block", "dollarmath", "amsmath"]
 myst_all_links_external = True
 html_theme = "sphinx_book_theme"
