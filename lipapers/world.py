@@ -855,7 +855,7 @@ def _history_block(self:World, stream:int, block:int)->dict:
     jp = self._job_parts(mj, jc); kj = _gumbel_pick(rng, jp["true_logit"], C); js = rj * C + kj
     pa, pc = _sigmoid(jp["_apply"][js] + c.apply_offset), _sigmoid(jp["true_logit"][js])
     item[J], act[J] = jc.reshape(-1, C)[rj, kj], np.where(rng.random(len(J)) < pa / (pa + pc), 4, 0)
-    ok = is_job | (self.p_created[item] < t)
+    ok = is_job.copy(); ok[P] = self.p_created[item[P]] < t[P]  # job ids index jobs, not posts
     return dict(member_id=m, item_id=item, kind=is_job.astype(np.int8), action=act,
                 timestamp=START_EPOCH + np.round(t * 3600).astype(np.int64), ok=ok)
 World._history_block = _history_block

@@ -340,6 +340,16 @@ def test_histories_sorted_and_history_before_never_leaks():
         assert q["length"][i] == len(want) and q["item_id"][i][20 - len(want):].tolist() == want.tolist()
 
 
+def test_histories_with_more_jobs_than_posts():
+    # regression: job events were checked against post creation times by job id (IndexError when n_jobs > n_posts)
+    w = World.generate(seed=2, **dict(SMALL, n_posts=300, n_jobs=1_000))
+    h = w.histories(3_000)
+    jobs = h.filter(pl.col("kind") == "job")["item_id"]
+    assert h.height == 3_000 and jobs.len() > 0 and jobs.max() >= 300 and jobs.max() < 1_000
+    posts = h.filter(pl.col("kind") == "post")["item_id"]
+    assert posts.max() < 300
+
+
 def test_slate_value_exact_vs_monte_carlo_and_logged_sessions():
     w0 = World.generate(seed=6, **SMALL)
     f = w0.feed_impressions(3_000)
