@@ -730,6 +730,8 @@ def main(argv=None)->int:
         print(f"lipapers: error: {e}", file=sys.stderr); return 2
     except KeyboardInterrupt:
         print("lipapers: interrupted; finished runs are kept, unfinished ones will run again", file=sys.stderr); return 130
+    except BrokenPipeError:  # output piped into a reader that closed early (`lipapers list | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno()); return 0
 
 # %% ../nbs/01_repro.ipynb #105cde56
 def _dispatch(a)->int:
