@@ -16,16 +16,19 @@ __all__ = ['DERIVED_HEADER', 'site_config', 'derived_quarto_yml', 'sync_quarto_y
            'build', 'check_links']
 
 # %% ../nbs/04_docs.ipynb #9263bde1
-DERIVED_HEADER = "# GENERATED from ../_quarto.yml by `make docs` (lipapers.docs.build) — edit the top-level file instead.\n"
+DERIVED_HEADER = ("# GENERATED from ../_quarto.yml by `make docs` (lipapers.docs.build) — "
+                  "edit the top-level file instead.\n")
 
 def site_config(root:Path|None=None)->dict:
     "The parsed top-level `_quarto.yml`."
     return yaml.safe_load((Path(root or project_root())/"_quarto.yml").read_text())
 
+# %% ../nbs/04_docs.ipynb #88f332ef
 def derived_quarto_yml(root:Path|None=None)->str:
     "The text `nbs/_quarto.yml` must have: the top-level file behind a header."
     return DERIVED_HEADER + (Path(root or project_root())/"_quarto.yml").read_text()
 
+# %% ../nbs/04_docs.ipynb #9a331169
 def sync_quarto_yml(root:Path|None=None)->bool:
     "Write `nbs/_quarto.yml` from `_quarto.yml`; return True if it changed."
     root = Path(root or project_root()); f = root/"nbs"/"_quarto.yml"; want = derived_quarto_yml(root)
@@ -46,6 +49,7 @@ _CALLOUT = re.compile(r"^:::\s*\{\.callout-(\w+)[^}]*\}\s*$", re.M)
 _LINK_ATTR = re.compile(r"(\]\([^)]*\))\{[^}]*\}")
 _ADMON = {"note": "note", "tip": "tip", "warning": "warning", "important": "important", "caution": "caution"}
 
+# %% ../nbs/04_docs.ipynb #8e805f5c
 def fix_markdown(s:str, links)->str:
     "Translate Quarto markdown to MyST; `links(url)` rewrites a URL."
     s = _CALLOUT.sub(lambda m: f":::{{{_ADMON.get(m.group(1), 'note')}}}", s)
@@ -57,8 +61,10 @@ def plotly_html(fig:dict, div_id:str)->str:
     "HTML that draws a plotly figure from its JSON with the site's own plotly.js."
     data, layout = json.dumps(fig.get("data", [])), json.dumps(fig.get("layout", {}))
     return (f'<div id="{div_id}" class="plotly-graph-div" style="width:100%;min-height:420px"></div>\n'
-            f'<script type="text/javascript">window.addEventListener("load", function() {{ Plotly.newPlot("{div_id}", {data}, {layout}, {{"responsive": true}}); }});</script>')
+            f'<script type="text/javascript">window.addEventListener("load", function() {{ '
+            f'Plotly.newPlot("{div_id}", {data}, {layout}, {{"responsive": true}}); }});</script>')
 
+# %% ../nbs/04_docs.ipynb #5dd5d93b
 def _directives(src:str)->tuple:
     opts, keep = {}, []
     for line in src.splitlines():
@@ -67,34 +73,79 @@ def _directives(src:str)->tuple:
         else: keep.append(line)
     return opts, "\n".join(keep).strip("\n")
 
+# %% ../nbs/04_docs.ipynb #6f67301b
 _SRC_LINK = re.compile(r"^(\[source\]\([^)]*\)(?:\{[^}]*\})?)\s*\n+\s*(#{2,4} [^\n]+)$", re.M)
 
 def _src(x): return "".join(x) if isinstance(x, list) else x
 
+# %% ../nbs/04_docs.ipynb #59446933
 def _is_polars(h)->bool: return "<small>shape: (" in _src(h)
 
+# %% ../nbs/04_docs.ipynb #6d3bb9ba
 def _has_table(outs)->bool:
     "Does a cell output show a table (HTML, or a Markdown pipe table)?"
     for o in outs:
         d = o.get("data", {})
-        if "<table" in _src(d.get("text/html", "")) or re.search(r"^\|[-:| ]+\|\s*$", _src(d.get("text/markdown", "")), re.M): return True
+        if "<table" in _src(d.get("text/html", "")): return True
+        if re.search(r"^\|[-:| ]+\|\s*$", _src(d.get("text/markdown", "")), re.M): return True
     return False
 
+# %% ../nbs/04_docs.ipynb #af0d60d9
 def clean_polars_html(h)->str:
     "A polars frame's HTML as a plain table: no dtype row, no `shape:` line, strings without their quotes."
     h = re.sub(r"<small>shape: \([^)]*\)</small>", "", _src(h))
-    h = re.sub(r"(<thead>.*?</tr>)\s*<tr>.*?</tr>", r"\1", h, count=1, flags=re.S)  # the second header row holds dtypes
+    h = re.sub(r"(<thead>.*?</tr>)\s*<tr>.*?</tr>", r"\1", h, count=1, flags=re.S)  # 2nd header row: dtypes
     return re.sub(r"<td>&quot;(.*?)&quot;</td>", r"<td>\1</td>", h)
 
 # %% ../nbs/04_docs.ipynb #d0c50003
 def page_title(title:str, description:str="")->str:
-    "Sidebar-friendly title: `repro` becomes `Repro: the reproduction runner` (module names read like the other titles)."
+    ("Sidebar-friendly title: `repro` becomes `Repro: the reproduction runner` "
+     "(module names read like the other titles).")
     cap = lambda w: w.upper() if len(w) <= 2 else w[0].upper() + w[1:]
     if re.fullmatch(r"[a-z_]+", title.strip()) and description:
         clause = re.split(r"[:;,.—]", re.sub(r"[`*]", "", description), maxsplit=1)[0].strip()
         return f"{cap(title.strip())}: {clause[0].lower() + clause[1:]}" if clause else cap(title.strip())
     m = re.match(r"([a-z_]+): (.*)$", title)
     return f"{cap(m.group(1))}: {m.group(2)}" if m else title
+
+# %% ../nbs/04_docs.ipynb #b5d7bd2f
+def _front_matter(src:str, page:str, title:str|None)->dict:
+    "The raw front-matter cell as a markdown cell: `# title` and a `>` description."
+    fm = yaml.safe_load(src.strip().strip("-")) or {}
+    md = (f"# {page_title(fm.get('title', title or page), fm.get('description', ''))}\n\n"
+          + (f"> {fm['description']}\n" if fm.get("description") else ""))
+    return dict(cell_type="markdown", metadata={}, source=md)
+
+# %% ../nbs/04_docs.ipynb #cbe5b87a
+def _show_doc_md(md, links)->str:
+    "`show_doc` Markdown for MyST: no `---` rule, `[source]` under its heading, nbdev's symbol anchors, links fixed."
+    md = "".join(md) if isinstance(md, list) else md
+    md = re.sub(r"^---\s*$", "", md, flags=re.M)  # show_doc's rule: a transition docutils refuses inside output
+    md = _SRC_LINK.sub(r"\2\n\n\1", md)  # show_doc puts [source] above its heading: put it under
+    md = re.sub(r"^(#{2,4}) (\S+)\s*$", lambda m: f'<a id="{m.group(2).lower()}"></a>\n\n{m.group(1)} {m.group(2)}', md,
+                flags=re.M)  # nbdev's symbol anchors
+    return fix_markdown(md, links)
+
+# %% ../nbs/04_docs.ipynb #64e199bf
+def _output(o:dict, fig_id:str, links)->dict:
+    "One output for myst-nb: plotly JSON drawn as HTML, a polars frame as a plain table, Markdown translated."
+    o = copy.deepcopy(o); d = o.get("data", {})
+    if "application/vnd.plotly.v1+json" in d:
+        o["data"] = {"text/html": plotly_html(d["application/vnd.plotly.v1+json"], fig_id)}
+    elif "text/html" in d and "text/markdown" not in d and _is_polars(d["text/html"]):
+        d["text/html"] = clean_polars_html(d["text/html"])
+    elif "text/markdown" in d:
+        d["text/markdown"] = _show_doc_md(d["text/markdown"], links)
+    return o
+
+# %% ../nbs/04_docs.ipynb #a48540cf
+def _code_tags(c:dict, opts:dict, src:str)->list:
+    "myst-nb tags of a code cell from its directives; the code of a cell showing a table is folded."
+    tags = list(c.get("metadata", {}).get("tags", []))
+    if opts.get("echo") == "false" or not src.strip(): tags.append("remove-input")
+    if opts.get("output") == "false": tags.append("remove-output")
+    if _has_table(c.get("outputs", [])) and "remove-input" not in tags: tags.append("hide-input")  # fold table code
+    return tags
 
 # %% ../nbs/04_docs.ipynb #585e5bf1
 def translate(nb:dict, page:str, links, title:str|None=None)->dict:
@@ -103,35 +154,19 @@ def translate(nb:dict, page:str, links, title:str|None=None)->dict:
     for i, c in enumerate(nb["cells"]):
         src = "".join(c["source"]) if isinstance(c["source"], list) else c["source"]
         if c["cell_type"] == "raw" and src.strip().startswith("---"):
-            fm = yaml.safe_load(src.strip().strip("-")) or {}
-            md = f"# {page_title(fm.get('title', title or page), fm.get('description', ''))}\n\n" + (f"> {fm['description']}\n" if fm.get("description") else "")
-            cells.append(dict(cell_type="markdown", metadata={}, source=md)); continue
+            cells.append(_front_matter(src, page, title)); continue
         if c["cell_type"] == "markdown":
             cells.append(dict(c, source=fix_markdown(src, links))); continue
         if c["cell_type"] != "code": continue
         opts, src = _directives(src)
         if opts.get("include") == "false" or opts.get("hide") == "" or "hide" in opts: continue
-        tags = list(c.get("metadata", {}).get("tags", []))
-        if opts.get("echo") == "false" or not src.strip(): tags.append("remove-input")
-        if opts.get("output") == "false": tags.append("remove-output")
-        if _has_table(c.get("outputs", [])) and "remove-input" not in tags: tags.append("hide-input")  # fold table code
-        outs = []
-        for j, o in enumerate(c.get("outputs", [])):
-            o = copy.deepcopy(o); d = o.get("data", {})
-            if "application/vnd.plotly.v1+json" in d:
-                o["data"] = {"text/html": plotly_html(d["application/vnd.plotly.v1+json"], f"fig-{re.sub(r'[^A-Za-z0-9]', '-', page)}-{i}-{j}")}
-            elif "text/html" in d and "text/markdown" not in d and _is_polars(d["text/html"]):
-                d["text/html"] = clean_polars_html(d["text/html"])
-            elif "text/markdown" in d:
-                md = d["text/markdown"]; md = "".join(md) if isinstance(md, list) else md
-                md = re.sub(r"^---\s*$", "", md, flags=re.M)  # show_doc's rule: a transition docutils refuses inside output
-                md = _SRC_LINK.sub(r"\2\n\n\1", md)  # show_doc puts [source] above its heading: put it under
-                md = re.sub(r"^(#{2,4}) (\S+)\s*$", lambda m: f'<a id="{m.group(2).lower()}"></a>\n\n{m.group(1)} {m.group(2)}', md, flags=re.M)  # nbdev's symbol anchors
-                d["text/markdown"] = fix_markdown(md, links)
-            outs.append(o)
+        tags = _code_tags(c, opts, src)
+        fig = f"fig-{re.sub(r'[^A-Za-z0-9]', '-', page)}-{i}"
+        outs = [_output(o, f"{fig}-{j}", links) for j, o in enumerate(c.get("outputs", []))]
         cells.append(dict(cell_type="code", execution_count=None, metadata=dict(tags=tags), source=src, outputs=outs))
     nb["cells"] = cells
-    nb["metadata"] = dict(nb.get("metadata", {}), kernelspec=dict(name="python3", display_name="Python 3", language="python"),
+    nb["metadata"] = dict(nb.get("metadata", {}),
+                          kernelspec=dict(name="python3", display_name="Python 3", language="python"),
                           language_info=dict(name="python", pygments_lexer="ipython3"))
     return nb
 
@@ -171,10 +206,12 @@ def _nbdev_process(root:Path)->Path:
     # no _build_modidx here: lipapers/_modidx.py is nbdev_export's output, and a test checks it is in sync
     code = ("from nbdev.quarto import refresh_quarto_yml, proc_nbs\n"
             "if __name__ == '__main__':\n    refresh_quarto_yml(); proc_nbs(n_workers=0)\n")
-    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, env=dict(os.environ, PLOTLY_RENDERER="plotly_mimetype"))
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                       env=dict(os.environ, PLOTLY_RENDERER="plotly_mimetype"))
     if r.returncode != 0: raise RuntimeError(f"nbdev processing failed:\n{r.stderr[-3000:]}")
     return root/"_proc"
 
+# %% ../nbs/04_docs.ipynb #d664d7b0
 def _run_results_page(proc_nb:Path, cwd:Path):
     "Execute the processed results page (never the source notebook) so it shows the latest runs."
     import nbformat
@@ -190,21 +227,26 @@ def latest_default_run(ch, runs:Path)->Path|None:
     cur, best = code_version(ch), None
     for d in (Path(runs)/ch.name/"tiny").glob("[0-9a-f]*"):
         i = _run_info(d)
-        if i.get("code_version") == cur and i.get("default_run") and (best is None or i["finished"] > best[0]): best = (i["finished"], d)
+        if i.get("code_version") == cur and i.get("default_run") and (best is None or i["finished"] > best[0]):
+            best = (i["finished"], d)
     return best[1] if best else None
 
+# %% ../nbs/04_docs.ipynb #e227b857
 def with_run_outputs(nb:dict, run:Path, chapter:str)->dict:
-    "The run's outputs (and widget state) in place of the committed ones, cells matched by id, and a note naming the run."
+    ("The run's outputs (and widget state) in place of the committed ones, cells matched by id, "
+     "and a note naming the run.")
     from lipapers.repro import _run_info
     ex = json.loads((Path(run)/"executed.ipynb").read_text())
     outs = {c.get("id"): c.get("outputs", []) for c in ex["cells"] if c["cell_type"] == "code"}
     nb = copy.deepcopy(nb)
     for c in nb["cells"]:
         if c["cell_type"] == "code" and c.get("id") in outs: c["outputs"] = outs[c["id"]]
-    if ex.get("metadata", {}).get("widgets"): nb.setdefault("metadata", {})["widgets"] = ex["metadata"]["widgets"]
+    if ex.get("metadata", {}).get("widgets"):
+        nb.setdefault("metadata", {})["widgets"] = ex["metadata"]["widgets"]
     info, env = _run_info(run), json.loads((Path(run)/"env.json").read_text())
     note = (f":::{{note}}\nThis page shows run {Path(run).name} (finished {info.get('finished', '?')}, on "
-            f"{env.get('device_name') or env.get('device') or '?'}): the latest complete default run of this chapter on this machine, "
+            f"{env.get('device_name') or env.get('device') or '?'}): "
+            "the latest complete default run of this chapter on this machine, "
             f"not the outputs committed with the notebook. `lipapers runs {chapter}` lists every run.\n:::\n")
     at = 1 if nb["cells"] and nb["cells"][0]["cell_type"] == "raw" else 0
     nb["cells"].insert(at, dict(cell_type="markdown", metadata={}, source=note))
@@ -219,22 +261,26 @@ nb_render_markdown_format = "myst"
 myst_enable_extensions = ["colon_fence", "attrs_inline", "attrs_block", "dollarmath", "amsmath"]
 myst_all_links_external = True
 html_theme = "sphinx_book_theme"
-html_theme_options = {{"show_toc_level": 2, "home_page_in_toc": True, "use_download_button": False, "use_fullscreen_button": False}}
+html_theme_options = {{"show_toc_level": 2, "home_page_in_toc": True, "use_download_button": False, \
+"use_fullscreen_button": False}}
 html_static_path = ["_static"]
 html_js_files = ["plotly.min.js"]
 html_css_files = ["lipapers.css"]
 nb_ipywidgets_js = {{"widgets/embed.js": {{}}}}
 mathjax_path = {mathjax!r}
-suppress_warnings = ["mystnb.unknown_mime_type", "myst.header", "misc.highlighting_failure", "myst.xref_missing", "toc.not_included"]
+suppress_warnings = ["mystnb.unknown_mime_type", "myst.header", "misc.highlighting_failure", "myst.xref_missing", \
+"toc.not_included"]
 exclude_patterns = ["_build", "**.ipynb_checkpoints"]
 html_show_sourcelink = False
 html_copy_source = False
 '''
 
+# %% ../nbs/04_docs.ipynb #d9c184b1
 def _toc_cell(sections)->dict:
     md = ""
     for sec, pages in sections:
-        md += "```{toctree}\n:hidden:\n" + (f":caption: {sec}\n" if sec else "") + "\n" + "\n".join(p.removesuffix(".ipynb") for p in pages) + "\n```\n\n"
+        md += ("```{toctree}\n:hidden:\n" + (f":caption: {sec}\n" if sec else "") + "\n"
+               + "\n".join(p.removesuffix(".ipynb") for p in pages) + "\n```\n\n")
     return dict(cell_type="markdown", metadata={}, source=md)
 
 # %% ../nbs/04_docs.ipynb #495dfe44
@@ -247,17 +293,56 @@ def _static_assets(static:Path):
     share = Path(sys.prefix)/"share"/"lipapers"
     for name, sub in (("widgets", "html-manager/package/dist"), ("mathjax", "mathjax/package/es5")):
         src = share/sub
-        if not src.exists(): raise FileNotFoundError(f"{src} missing: run `make setup` (it fetches it with `npm pack`)")
+        if not src.exists():
+            raise FileNotFoundError(f"{src} missing: run `make setup` (it fetches it with `npm pack`)")
         shutil.copytree(src, static/name, dirs_exist_ok=True)
 
 # %% ../nbs/04_docs.ipynb #d0c50002
 _CSS = """.plotly-graph-div{margin:1em 0} .cell_output .output.text_html{overflow-x:auto}
 /* display equations: scroll sideways when too wide, never clip (the theme's container hides overflow) */
-div.math, .math-wrapper, mjx-container[display="true"]{overflow-x:auto; overflow-y:hidden; max-width:100%; padding:.25em 0}
+div.math, .math-wrapper, mjx-container[display="true"]{overflow-x:auto; overflow-y:hidden; max-width:100%; \
+padding:.25em 0}
 /* code wraps instead of scrolling sideways */
 div.highlight pre{white-space:pre-wrap; overflow-wrap:anywhere}
 .cell_output table{display:block; overflow-x:auto} .cell_output td, .cell_output th{white-space:normal; text-align:left}
 """
+
+# %% ../nbs/04_docs.ipynb #8062cb97
+def _outfile_map(proc:Path, sections)->dict:
+    "nbdev's `output-file` name of each page (without `.html`) → the page's notebook path (without `.ipynb`)."
+    outfile = {}
+    for _, ps in sections:
+        for p in ps:
+            fm = json.loads((proc/p).read_text())["cells"][0]
+            m = re.search(r"output-file:\s*(\S+)", "".join(fm["source"]))
+            if m: outfile[m.group(1).removesuffix(".html")] = p.removesuffix(".ipynb")
+    return outfile
+
+# %% ../nbs/04_docs.ipynb #dd1e2e36
+def _write_pages(root:Path, proc:Path, src:Path, sections):
+    "Every sidebar page, with its chapter's latest default run if there is one, translated into the Sphinx folder."
+    from lipapers.repro import chapters
+    runs = Path(os.environ.get("LIPAPERS_RUNS") or root/"runs")
+    chs = {str(c.path.relative_to(root/"nbs")): c for c in chapters(root/"nbs").values()}
+    from nbdev.config import get_config
+    ncfg = get_config(path=root)
+    outfile = _outfile_map(proc, sections)
+    for _, ps in sections:
+        for p in ps:
+            page, nb = p.removesuffix(".ipynb"), json.loads((proc/p).read_text())
+            if p in chs and (run := latest_default_run(chs[p], runs)): nb = with_run_outputs(nb, run, chs[p].name)
+            nb = translate(nb, page, link_rewriter(page, outfile, ncfg.doc_host, ncfg.git_url))
+            if page == "index": nb["cells"].append(_toc_cell([s for s in sections if s[1] != ["index.ipynb"]]))
+            (src/p).parent.mkdir(parents=True, exist_ok=True); (src/p).write_text(json.dumps(nb))
+
+# %% ../nbs/04_docs.ipynb #ae60fec3
+def _sphinx(src:Path, strict:bool):
+    "Build the Sphinx project in `src` into `src/_build` (warnings are errors when `strict`)."
+    # build into the temporary folder (myst-nb writes `jupyter_execute/` beside the output), then move the site
+    cmd = [sys.executable, "-m", "sphinx", "-b", "html", "-q", *(["-W", "--keep-going"] if strict else []),
+           str(src), str(src/"_build")]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0: raise RuntimeError(f"sphinx failed:\n{r.stderr[-5000:]}")
 
 # %% ../nbs/04_docs.ipynb #fb89c4dd
 def build(root:Path|None=None, out:Path|None=None, strict:bool=True, quiet:bool=True)->Path:
@@ -271,30 +356,10 @@ def build(root:Path|None=None, out:Path|None=None, strict:bool=True, quiet:bool=
     proc = _nbdev_process(root)
     if (proc/"99_results.ipynb").exists(): _run_results_page(proc/"99_results.ipynb", root/"nbs")
     src = Path(tempfile.mkdtemp(prefix="lipapers-docs-"))
-    from lipapers.repro import chapters
-    runs = Path(os.environ.get("LIPAPERS_RUNS") or root/"runs")
-    chs = {str(c.path.relative_to(root/"nbs")): c for c in chapters(root/"nbs").values()}
-    from nbdev.config import get_config
-    ncfg = get_config(path=root)
-    outfile = {}
-    for _, ps in sections:
-        for p in ps:
-            fm = json.loads((proc/p).read_text())["cells"][0]
-            m = re.search(r"output-file:\s*(\S+)", "".join(fm["source"]))
-            if m: outfile[m.group(1).removesuffix(".html")] = p.removesuffix(".ipynb")
-    for _, ps in sections:
-        for p in ps:
-            page, nb = p.removesuffix(".ipynb"), json.loads((proc/p).read_text())
-            if p in chs and (run := latest_default_run(chs[p], runs)): nb = with_run_outputs(nb, run, chs[p].name)
-            nb = translate(nb, page, link_rewriter(page, outfile, ncfg.doc_host, ncfg.git_url))
-            if page == "index": nb["cells"].append(_toc_cell([s for s in sections if s[1] != ["index.ipynb"]]))
-            (src/p).parent.mkdir(parents=True, exist_ok=True); (src/p).write_text(json.dumps(nb))
+    _write_pages(root, proc, src, sections)
     _static_assets(src/"_static")
     (src/"conf.py").write_text(_CONF.format(title=cfg["website"]["title"], mathjax="mathjax/tex-chtml.js"))
-    # build into the temporary folder (myst-nb writes `jupyter_execute/` beside the output), then move the site
-    cmd = [sys.executable, "-m", "sphinx", "-b", "html", "-q", *(["-W", "--keep-going"] if strict else []), str(src), str(src/"_build")]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0: raise RuntimeError(f"sphinx failed:\n{r.stderr[-5000:]}")
+    _sphinx(src, strict)
     if out.exists(): shutil.rmtree(out)
     shutil.move(str(src/"_build"), str(out))
     _source_pages(root, out)
@@ -305,8 +370,8 @@ def build(root:Path|None=None, out:Path|None=None, strict:bool=True, quiet:bool=
     return out
 
 # %% ../nbs/04_docs.ipynb #88205a2d
-def check_links(out:Path)->list:
-    "Broken internal links of the built site, as `page -> target` strings."
+def _site_pages(out:Path)->dict:
+    "Every page of the built site (theme templates under `_static` aside) → a parser holding its links and ids."
     from html.parser import HTMLParser
     class P(HTMLParser):
         def __init__(s): super().__init__(); s.links, s.ids = [], set()
@@ -316,10 +381,16 @@ def check_links(out:Path)->list:
             if "name" in a and tag == "a": s.ids.add(a["name"])
             for k in ("href", "src"):
                 if a.get(k): s.links.append(a[k])
-    pages, broken = {}, []
+    pages = {}
     for f in out.rglob("*.html"):
         if "_static" in f.relative_to(out).parts: continue  # theme templates, not pages
         p = P(); p.feed(f.read_text(errors="replace")); pages[f.resolve()] = p
+    return pages
+
+# %% ../nbs/04_docs.ipynb #53a9b269
+def check_links(out:Path)->list:
+    "Broken internal links of the built site, as `page -> target` strings."
+    pages, broken = _site_pages(out), []
     for f, p in pages.items():
         for l in p.links:
             u = urlparse(l)
@@ -327,5 +398,6 @@ def check_links(out:Path)->list:
             target = (f.parent/u.path).resolve() if u.path else f
             if target.is_dir(): target = target/"index.html"
             if not target.exists(): broken.append(f"{f.relative_to(out.resolve())} -> {l}"); continue
-            if u.fragment and target in pages and u.fragment not in pages[target].ids: broken.append(f"{f.relative_to(out.resolve())} -> {l} (no such anchor)")
+            if u.fragment and target in pages and u.fragment not in pages[target].ids:
+                broken.append(f"{f.relative_to(out.resolve())} -> {l} (no such anchor)")
     return broken
