@@ -9,6 +9,14 @@ from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
 from . import __version__
+
+# %% auto #0
+__all__ = ['UsageError', 'Param', 'Preset', 'Chapter', 'parse_check', 'parse_params_cell', 'parse_value', 'check_value',
+           'nbs_dir', 'runs_dir', 'read_chapter', 'read_preset', 'chapters', 'get_chapter', 'resolve', 'overrides_of',
+           'run_id', 'parse_grid', 'RunResult', 'is_complete', 'code_version', 'default_timeout', 'execute', 'run',
+           'sweep', 'results', 'list_runs', 'clean', 'main', 'repro', 'lab']
+
+# %% ../nbs/01_repro.ipynb #01bb78af
 # torch, polars, papermill and lipapers.core are imported inside the functions that need them, and these standard
 # modules on first use: `lipapers --help` and every bad-input error answer in a fraction of a second.
 class _Lazy:
@@ -18,26 +26,23 @@ class _Lazy:
         return getattr(self._mod, a)
 globals().update({m: _Lazy(m) for m in ("ast", "hashlib", "shutil", "subprocess", "tempfile")})  # not in __all__
 
-# %% auto #0
-__all__ = ['UsageError', 'Param', 'Preset', 'Chapter', 'parse_check', 'parse_params_cell', 'parse_value', 'check_value',
-           'nbs_dir', 'runs_dir', 'read_chapter', 'read_preset', 'chapters', 'get_chapter', 'resolve', 'overrides_of',
-           'run_id', 'parse_grid', 'RunResult', 'is_complete', 'code_version', 'default_timeout', 'execute', 'run',
-           'sweep', 'results', 'list_runs', 'clean', 'main', 'repro', 'lab']
-
 # %% ../nbs/01_repro.ipynb #c3f11caf
 class UsageError(ValueError):
     "Bad input from the user: one line that names the problem and the valid choices."
 
+# %% ../nbs/01_repro.ipynb #1be52357
 @dataclass
 class Param:
     "One parameter of a chapter, read from its `parameters` cell; `check` is its declared choices or range."
     name:str; type:str; default:object; doc:str=""; check:str=""
 
+# %% ../nbs/01_repro.ipynb #af4892cf
 @dataclass
 class Preset:
     "A named set of parameter overrides, with the paper table/figure it targets."
     name:str; target:str; description:str; params:dict; path:Path|None=None; timeout:float|None=None
 
+# %% ../nbs/01_repro.ipynb #55ebea57
 @dataclass
 class Chapter:
     "A runnable chapter notebook."
@@ -54,6 +59,7 @@ def _ann(node)->str:
         raise ValueError(f"unsupported annotation {s!r}; use one of {', '.join(_TYPES)} (optionally `| None`)")
     return parts[0] + ("|None" if "None" in s else "")
 
+# %% ../nbs/01_repro.ipynb #3bdcaec9
 def _comment(lines:list, st)->str:
     "The trailing comment of statement `st`, after the comment lines directly above it."
     above, i = [], st.lineno - 2
@@ -77,12 +83,15 @@ def parse_params_cell(src:str, where:str="parameters cell")->dict:
     lines, out = src.splitlines(), {}
     for st in ast.parse(src).body:
         one = isinstance(st, ast.Assign) and len(st.targets) == 1
-        tgt, val = (st.target, st.value) if isinstance(st, ast.AnnAssign) else (st.targets[0] if one else None, getattr(st, "value", None))
+        tgt, val = ((st.target, st.value) if isinstance(st, ast.AnnAssign)
+                    else (st.targets[0] if one else None, getattr(st, "value", None)))
         line = lines[st.lineno - 1].strip()
         if not isinstance(tgt, ast.Name) or val is None:
             raise ValueError(f"{where}: only `name: type = literal` lines are allowed, got {line!r}")
         try: default = ast.literal_eval(val)
-        except ValueError: raise ValueError(f"{where}: {tgt.id} is not a literal ({line!r}); compute derived values in the next cell") from None
+        except ValueError:
+            raise ValueError(f"{where}: {tgt.id} is not a literal ({line!r}); "
+                             "compute derived values in the next cell") from None
         typ = _ann(st.annotation) if isinstance(st, ast.AnnAssign) else type(default).__name__
         if typ.split("|")[0] not in _TYPES: raise ValueError(f"{where}: {tgt.id} has unsupported type {typ}")
         doc = _comment(lines, st)
@@ -92,28 +101,39 @@ def parse_params_cell(src:str, where:str="parameters cell")->dict:
 # %% ../nbs/01_repro.ipynb #cd28db19
 _BOOLS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
 
+# %% ../nbs/01_repro.ipynb #e8f8a737
 def parse_value(p:Param, s)->object:
     "Parse `s` (a CLI string or a YAML value) into parameter `p`'s type, or raise `UsageError`."
     typ, nullable = p.type.split("|")[0], p.type.endswith("|None")
     bad = lambda: UsageError(f"parameter {p.name!r} expects {p.type}, got {s!r}")
     if nullable and (s is None or (isinstance(s, str) and s.lower() == "none")): return None
     if not isinstance(s, str):  # from YAML: check the type instead of parsing
-        ok = {"int": isinstance(s, int) and not isinstance(s, bool), "float": isinstance(s, (int, float)) and not isinstance(s, bool),
-              "str": isinstance(s, str), "bool": isinstance(s, bool), "list": isinstance(s, list), "dict": isinstance(s, dict)}[typ]
-        if not ok: raise bad()
+        if not _typed(s, typ): raise bad()
         return float(s) if typ == "float" else s
-    try:
-        if typ == "int":
-            if not re.fullmatch(r"[+-]?\d[\d_]*", s.strip()): raise ValueError
-            return int(s)
-        if typ == "float": return float(s)
-        if typ == "bool": return _BOOLS[s.strip().lower()]
-        if typ in ("list", "dict"):
-            v = ast.literal_eval(s)
-            if not isinstance(v, list if typ == "list" else dict): raise ValueError
-            return v
-        return s
+    try: return _parse_str(s, typ)
     except (ValueError, KeyError, SyntaxError): raise bad() from None
+
+# %% ../nbs/01_repro.ipynb #db16369f
+def _typed(s, typ:str)->bool:
+    "Is the YAML value `s` of type `typ` (an int is a float, a bool is not a number)?"
+    return {"int": isinstance(s, int) and not isinstance(s, bool),
+            "float": isinstance(s, (int, float)) and not isinstance(s, bool),
+            "str": isinstance(s, str), "bool": isinstance(s, bool), "list": isinstance(s, list),
+            "dict": isinstance(s, dict)}[typ]
+
+# %% ../nbs/01_repro.ipynb #f4c9ab63
+def _parse_str(s:str, typ:str)->object:
+    "A command-line string as a value of type `typ`; literals only (raises ValueError, KeyError or SyntaxError)."
+    if typ == "int":
+        if not re.fullmatch(r"[+-]?\d[\d_]*", s.strip()): raise ValueError
+        return int(s)
+    if typ == "float": return float(s)
+    if typ == "bool": return _BOOLS[s.strip().lower()]
+    if typ in ("list", "dict"):
+        v = ast.literal_eval(s)
+        if not isinstance(v, list if typ == "list" else dict): raise ValueError
+        return v
+    return s
 
 # %% ../nbs/01_repro.ipynb #a1c0c003
 _OPS = {"≥": lambda a, b: a >= b, ">=": lambda a, b: a >= b, ">": lambda a, b: a > b,
@@ -130,10 +150,12 @@ def _check_one(p:Param, v, what:str):
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not _OPS[op](v, float(x)):
             raise UsageError(f"{what} must be {p.check}, got {v!r}")
 
+# %% ../nbs/01_repro.ipynb #5dc8f2ce
 def _num(s:str):
     try: return float(s)
     except ValueError: return None
 
+# %% ../nbs/01_repro.ipynb #99ee9f3a
 def check_value(p:Param, v)->object:
     "Check `v` against `p`'s declared choices or range (each element of a list); return it or raise `UsageError`."
     if not p.check or v is None: return v
@@ -147,6 +169,7 @@ def nbs_dir()->Path:
     from lipapers.core import project_root
     return Path(os.environ.get("LIPAPERS_NBS") or project_root()/"nbs")
 
+# %% ../nbs/01_repro.ipynb #67cb6a47
 def runs_dir(d=None)->Path:
     "Where runs are written: `d`, else `$LIPAPERS_RUNS`, else the project's `runs/`; a file there is a `UsageError`."
     if d: p = Path(d)
@@ -154,9 +177,11 @@ def runs_dir(d=None)->Path:
     else:
         from lipapers.core import project_root
         p = project_root()/"runs"
-    if p.exists() and not p.is_dir(): raise UsageError(f"runs folder {str(p)!r} is a file, not a folder; pass --runs-dir DIR")
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"runs folder {str(p)!r} is a file, not a folder; pass --runs-dir DIR")
     return p
 
+# %% ../nbs/01_repro.ipynb #54d160d5
 def _read_nb(path:Path):
     nb = json.loads(Path(path).read_text())
     src = lambda c: "".join(c["source"]) if isinstance(c["source"], list) else c["source"]
@@ -170,29 +195,35 @@ def read_chapter(path:Path)->Chapter|None:
     mod = next((m.group(1) for s in code for m in [re.search(r"^#\|\s*default_exp\s+(\S+)", s, re.M)] if m), None)
     pcells = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
     if mod is None or not pcells: return None
-    if len(pcells) > 1: raise ValueError(f"{path}: {len(pcells)} cells are tagged `parameters`; a chapter has exactly one")
+    if len(pcells) > 1:
+        raise ValueError(f"{path}: {len(pcells)} cells are tagged `parameters`; a chapter has exactly one")
     md = (l for c in nb["cells"] if c["cell_type"] == "markdown" for l in src(c).splitlines())
     title = next((l[2:].strip() for l in md if l.startswith("# ")), mod)
     ch = Chapter(mod, Path(path), title, parse_params_cell(src(pcells[0]), f"{Path(path).name} parameters cell"))
     for p in ch.params.values():
         try: check_value(p, p.default)
         except UsageError as e: raise ValueError(f"{Path(path).name}: the default of {e}") from None
-    ch.presets = {"tiny": Preset("tiny", "the notebook's defaults: fast CPU setting", "defaults of the parameters cell", {})}
+    ch.presets = {"tiny": Preset("tiny", "the notebook's defaults: fast CPU setting", "defaults of the parameters cell",
+                                 {})}
     for f in sorted((Path(path).parent/"presets"/mod).glob("*.yaml")): ch.presets[f.stem] = read_preset(f, ch)
     return ch
 
+# %% ../nbs/01_repro.ipynb #8659a75d
 def read_preset(f:Path, ch:Chapter)->Preset:
     "Read and validate a preset YAML file against chapter `ch`."
     import yaml
     d = yaml.safe_load(Path(f).read_text()) or {}
-    if not isinstance(d, dict) or not d.get("target"): raise ValueError(f"preset {f}: needs a `target:` naming the paper table/figure")
+    if not isinstance(d, dict) or not d.get("target"):
+        raise ValueError(f"preset {f}: needs a `target:` naming the paper table/figure")
     params = d.get("params") or {}
     unknown = sorted(set(params) - set(ch.params))
-    if unknown: raise ValueError(f"preset {f}: unknown parameter(s) {', '.join(unknown)}; valid: {', '.join(ch.params)}")
+    if unknown:
+        raise ValueError(f"preset {f}: unknown parameter(s) {', '.join(unknown)}; valid: {', '.join(ch.params)}")
     try: vals = {k: check_value(ch.params[k], parse_value(ch.params[k], v)) for k, v in params.items()}
     except UsageError as e: raise ValueError(f"preset {f}: {e}") from None
     t = d.get("timeout")
-    if t is not None and (not isinstance(t, (int, float)) or t <= 0): raise ValueError(f"preset {f}: timeout must be seconds > 0, got {t!r}")
+    if t is not None and (not isinstance(t, (int, float)) or t <= 0):
+        raise ValueError(f"preset {f}: timeout must be seconds > 0, got {t!r}")
     return Preset(f.stem, str(d["target"]), str(d.get("description", "")), vals, Path(f), t)
 
 # %% ../nbs/01_repro.ipynb #8be38730
@@ -201,6 +232,7 @@ def _order(p:Path):
     m = re.match(r"(\d+)([a-z]?)_", p.name)
     return (int(m.group(1)), m.group(2), p.name) if m else (10**9, "", p.name)
 
+# %% ../nbs/01_repro.ipynb #e4565f40
 def chapters(nbs:Path|None=None)->dict:
     "All chapters under `nbs` (default `nbs_dir()`), by name, in chapter-number order."
     out, root = {}, Path(nbs or nbs_dir())
@@ -212,10 +244,13 @@ def chapters(nbs:Path|None=None)->dict:
         out[ch.name] = ch
     return out
 
+# %% ../nbs/01_repro.ipynb #fc479adc
 def get_chapter(name:str, nbs:Path|None=None)->Chapter:
     "The chapter called `name`, or a `UsageError` listing the valid names."
     chs = chapters(nbs)
-    if name not in chs: raise UsageError(f"unknown chapter {name!r}; valid: {', '.join(chs) or '(none found in ' + str(nbs or nbs_dir()) + ')'}")
+    if name not in chs:
+        valid = ', '.join(chs) or '(none found in ' + str(nbs or nbs_dir()) + ')'
+        raise UsageError(f"unknown chapter {name!r}; valid: {valid}")
     return chs[name]
 
 # %% ../nbs/01_repro.ipynb #3622d262
@@ -224,23 +259,30 @@ def _split_kv(s:str, flag:str)->tuple:
     k, v = s.split("=", 1)
     return k.strip(), v
 
+# %% ../nbs/01_repro.ipynb #e4ef8b59
 def _check_name(ch:Chapter, k:str):
-    if k not in ch.params: raise UsageError(f"unknown parameter {k!r} for chapter {ch.name!r}; valid: {', '.join(ch.params)}")
+    if k not in ch.params:
+        raise UsageError(f"unknown parameter {k!r} for chapter {ch.name!r}; valid: {', '.join(ch.params)}")
 
+# %% ../nbs/01_repro.ipynb #0ff81b4c
 def resolve(ch:Chapter, preset:str="tiny", overrides=())->dict:
-    "Defaults < preset < `key=value` overrides, each parsed to its declared type and checked against its declared range."
-    if preset not in ch.presets: raise UsageError(f"unknown preset {preset!r} for chapter {ch.name!r}; valid: {', '.join(ch.presets)}")
+    ("Defaults < preset < `key=value` overrides, each parsed to its declared type and checked against its declared "
+     "range.")
+    if preset not in ch.presets:
+        raise UsageError(f"unknown preset {preset!r} for chapter {ch.name!r}; valid: {', '.join(ch.presets)}")
     params = {k: p.default for k, p in ch.params.items()} | ch.presets[preset].params
     for o in overrides:
         k, v = _split_kv(o, "-p"); _check_name(ch, k)
         params[k] = check_value(ch.params[k], parse_value(ch.params[k], v))
     return params
 
+# %% ../nbs/01_repro.ipynb #4386c437
 def overrides_of(ch:Chapter, preset:str, params:dict)->dict:
     "The parameters of a run that differ from its preset's: `{}` for the preset's own (default) run."
     base = resolve(ch, preset)
     return {k: v for k, v in params.items() if base.get(k) != v}
 
+# %% ../nbs/01_repro.ipynb #c3787a17
 def run_id(ch:Chapter, params:dict)->str:
     "Deterministic id of (chapter, parameters)."
     return hashlib.sha256(json.dumps([ch.name, params], sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -257,6 +299,7 @@ def parse_grid(ch:Chapter, grid)->list:
         axes.append([f"{k}={v}" for v in vals])
     return [list(c) for c in product(*axes)]
 
+# %% ../nbs/01_repro.ipynb #e471b1e2
 def _split_top(s:str)->list:
     "Split on commas outside brackets and quotes (so list values survive)."
     out, depth, cur, q = [], 0, "", None
@@ -275,6 +318,7 @@ class RunResult:
     "Outcome of one run."
     chapter:str; preset:str; run_id:str; path:Path; status:str; params:dict; error:str=""; seconds:float=0.0
 
+# %% ../nbs/01_repro.ipynb #1b27d72b
 _SLICE, _IDLE_GRACE = 0.25, 30.0  # seconds: shell-reply poll slice; how long an idle kernel may owe a reply
 _CHILD = {}  # the child process's state: run folder, ipc folder, kernel pid, start time
 
@@ -290,7 +334,8 @@ def _sliced(client, get_msg):
                 if end is not None and time.monotonic() >= end: raise
                 idle = getattr(client, "_idle_at", None)
                 if idle and time.monotonic() - idle > _IDLE_GRACE:
-                    raise TimeoutError(f"watchdog: the kernel went idle {_IDLE_GRACE:.0f} s ago but never sent the cell's reply")
+                    raise TimeoutError(f"watchdog: the kernel went idle {_IDLE_GRACE:.0f} s ago "
+                                       "but never sent the cell's reply")
     return get
 
 # %% ../nbs/01_repro.ipynb #b0c1e001
@@ -311,25 +356,30 @@ def _client_class():
             kc.shell_channel.get_msg = _sliced(self, kc.shell_channel.get_msg)
             return kc
         def process_message(self, msg, cell, cell_index):
-            if msg["msg_type"] == "status" and msg["content"].get("execution_state") == "idle": self._idle_at = time.monotonic()
+            if msg["msg_type"] == "status" and msg["content"].get("execution_state") == "idle":
+                self._idle_at = time.monotonic()
             return super().process_message(msg, cell, cell_index)
         async def async_execute_cell(self, cell, cell_index, **kw):
             self._idle_at = None; _report_progress(self.nb, cell_index)
             return await super().async_execute_cell(cell, cell_index, **kw)
-        start_new_kernel, start_new_kernel_client = run_sync(async_start_new_kernel), run_sync(async_start_new_kernel_client)
+        start_new_kernel = run_sync(async_start_new_kernel)
+        start_new_kernel_client = run_sync(async_start_new_kernel_client)
         execute_cell = run_sync(async_execute_cell)
     return Client
 
 # %% ../nbs/01_repro.ipynb #b0c1e002
 def _source_index(nb, i:int)->int:
     "Index of executed cell `i` in the chapter's own notebook (papermill inserted one `injected-parameters` cell)."
-    inj = next((j for j, c in enumerate(nb["cells"]) if "injected-parameters" in c.get("metadata", {}).get("tags", [])), None)
+    inj = next((j for j, c in enumerate(nb["cells"])
+                if "injected-parameters" in c.get("metadata", {}).get("tags", [])), None)
     return i - 1 if inj is not None and i > inj else i
 
+# %% ../nbs/01_repro.ipynb #433f3f87
 def _first_line(src)->str:
     src = "".join(src) if isinstance(src, list) else src
     return next((l.strip() for l in src.splitlines() if l.strip() and not l.startswith("#|")), "")[:80]
 
+# %% ../nbs/01_repro.ipynb #b3c7301e
 def _report_progress(nb, i:int):
     "Write `progress.json` (cell, code cells done / total, the cell's first line, times) into the run folder."
     code = [j for j, c in enumerate(nb["cells"]) if c["cell_type"] == "code"]
@@ -359,6 +409,7 @@ def _papermill_inspect(cls, cell)->list:
     src = "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
     return [Parameter(p.name, p.type, repr(p.default), p.doc) for p in parse_params_cell(src).values()]
 
+# %% ../nbs/01_repro.ipynb #3fe1e67d
 def _patch_papermill():
     "Give papermill our parameter reader and our notebook client (this process runs one notebook)."
     import papermill.engines as engines
@@ -376,6 +427,7 @@ def _failing_line(tb)->str:
     m = re.match(r"^-+> ?(\d+)\s?(.*)$", arrows[0]) if arrows else None
     return f"line {m.group(1)}: {m.group(2).strip()}" if m else ""
 
+# %% ../nbs/01_repro.ipynb #6553607f
 def _exec_child(spec:str):
     "Run in the child process: execute the notebook with papermill; describe a failure in `error.json`."
     a = json.loads(Path(spec).read_text()); out = Path(a["out"])
@@ -403,30 +455,37 @@ def _pid_alive(pid:int)->bool:
     except ProcessLookupError: return False
     except PermissionError: return True
 
+# %% ../nbs/01_repro.ipynb #936c040b
 def _tmp_pid(t:Path)->int|None:
     m = re.search(r"\.tmp-(\d+)-", t.name)
     return int(m.group(1)) if m else None
 
+# %% ../nbs/01_repro.ipynb #8afe3c59
 def _clean_stale(d:Path):
     for t in d.glob(".*.tmp-*"):
         if _tmp_pid(t) and not _pid_alive(_tmp_pid(t)): shutil.rmtree(t, ignore_errors=True)
 
+# %% ../nbs/01_repro.ipynb #b4949d04
 def is_complete(path:Path)->bool:
     "A run folder counts only if it holds `complete.json`."
     return (Path(path)/"complete.json").exists()
 
+# %% ../nbs/01_repro.ipynb #2cb867cd
 def _child_env(tmp:Path, root:Path, rid:str)->dict:
     from lipapers.core import RUN_DIR_ENV
     env = dict(os.environ, **{RUN_DIR_ENV: str(tmp), "LIPAPERS_RUN_ID": rid, "LIPAPERS_RUNS": str(root)})
     if shutil.which("nvidia-smi") is None: env.setdefault("TRITON_INTERPRET", "1")
     env.setdefault("PLOTLY_RENDERER", "plotly_mimetype")  # figures stored as JSON, not with 3 MB of plotly.js each
     env["PYTHONUNBUFFERED"] = "1"
-    for k, v in _POLARS.items(): env.setdefault(k, v)  # tables on pages: all rows, full text, no dtype row or shape line
+    for k, v in _POLARS.items():
+        env.setdefault(k, v)  # tables on pages: all rows, full text, no dtype row or shape line
     return env
 
+# %% ../nbs/01_repro.ipynb #232d0485
 _POLARS = dict(POLARS_FMT_MAX_ROWS="100", POLARS_FMT_MAX_COLS="40", POLARS_FMT_STR_LEN="500",
                POLARS_FMT_TABLE_HIDE_COLUMN_DATA_TYPES="1", POLARS_FMT_TABLE_HIDE_DATAFRAME_SHAPE_INFORMATION="1")
 
+# %% ../nbs/01_repro.ipynb #efa5b39f
 def _umask_modes(d:Path):
     "Give every file of a run the user's umask (files made with `mkstemp` are 0600)."
     um = os.umask(0); os.umask(um)
@@ -453,14 +512,17 @@ def _stamp_metrics(tmp:Path, ch:Chapter, preset:str, rid:str, params:dict, over:
 def _code_files(ch:Chapter, code:list)->list:
     pkg = Path(importlib.import_module("lipapers").__file__).parent
     mods = {ch.name, "core"} | set(re.findall(r"\blipapers\.(\w+)", "\n".join(code)))
-    mods |= {m.strip() for g in re.findall(r"from lipapers import ([\w, ()]+)", "\n".join(code)) for m in re.split(r"[,()\s]+", g) if m.strip()}
+    mods |= {m.strip() for g in re.findall(r"from lipapers import ([\w, ()]+)", "\n".join(code))
+             for m in re.split(r"[,()\s]+", g) if m.strip()}
     files = [pkg/f"{m}.py" for m in sorted(mods) if (pkg/f"{m}.py").exists()]
     return files + (sorted((pkg/"kernels").glob("*.py")) if "kernels" in mods else [])
 
+# %% ../nbs/01_repro.ipynb #673827e4
 def code_version(ch:Chapter)->str:
     "Hash of the chapter's code cells and the `lipapers` modules they import (12 hex digits)."
     nb, src = _read_nb(ch.path)
-    code = [src(c) for c in nb["cells"] if c["cell_type"] == "code" and "parameters" not in c.get("metadata", {}).get("tags", [])]
+    code = [src(c) for c in nb["cells"]
+            if c["cell_type"] == "code" and "parameters" not in c.get("metadata", {}).get("tags", [])]
     h = hashlib.sha256(json.dumps(code).encode())
     for f in _code_files(ch, code): h.update(f.name.encode() + f.read_bytes())
     return h.hexdigest()[:12]
@@ -471,21 +533,25 @@ def _run_info(d:Path)->dict:
     try: return json.loads((Path(d)/"complete.json").read_text())
     except (OSError, ValueError): return {}
 
+# %% ../nbs/01_repro.ipynb #b4681199
 def default_timeout(ch:Chapter, preset:str, root:Path)->float:
     "Per-run deadline: the preset's `timeout:`, else 5x its slowest recorded run (at least 10 min), else 1 h."
     if ch.presets[preset].timeout: return float(ch.presets[preset].timeout)
     secs = [_run_info(d).get("seconds", 0) for d in (Path(root)/ch.name/preset).glob("[0-9a-f]*") if is_complete(d)]
     return max(600.0, 5 * max(secs)) if secs else 3600.0
 
+# %% ../nbs/01_repro.ipynb #b59e2ef2
 def _git_commit()->str:
     try:
-        r = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], capture_output=True, text=True, timeout=10, cwd=Path(importlib.import_module("lipapers").__file__).parent)
+        r = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], capture_output=True, text=True,
+                           timeout=10, cwd=Path(importlib.import_module("lipapers").__file__).parent)
         return r.stdout.strip()
     except (OSError, subprocess.SubprocessError): return ""
 
 # %% ../nbs/01_repro.ipynb #c0de0003
 def _wait(p, tmp:Path, deadline:float|None, on_progress=None)->int|None:
-    "Wait for child `p`; report progress each second; past the deadline stop it (SIGTERM, then SIGKILL) and return None."
+    ("Wait for child `p`; report progress each second; past the deadline stop it (SIGTERM, then SIGKILL) "
+     "and return None.")
     t0 = time.time()
     while True:
         try: return p.wait(timeout=1.0)
@@ -496,6 +562,7 @@ def _wait(p, tmp:Path, deadline:float|None, on_progress=None)->int|None:
         if deadline and time.time() - t0 > deadline:
             _stop(p); return None
 
+# %% ../nbs/01_repro.ipynb #fede7f78
 def _stop(p):
     "SIGTERM the child (it kills its kernel), then SIGKILL its whole process group."
     try: p.terminate(); p.wait(timeout=10)
@@ -505,7 +572,8 @@ def _stop(p):
     p.wait()
 
 # %% ../nbs/01_repro.ipynb #c0de0004
-def execute(ch:Chapter, preset:str, params:dict, root:Path, force:bool=False, timeout:float|None=None, on_progress=None)->RunResult:
+def execute(ch:Chapter, preset:str, params:dict, root:Path, force:bool=False, timeout:float|None=None,
+            on_progress=None)->RunResult:
     "Run one resolved experiment into `root/<chapter>/<preset>/<run_id>/` (skip it if complete with the current code)."
     rid = run_id(ch, params); d = Path(root)/ch.name/preset; final = d/rid; code = code_version(ch)
     if is_complete(final) and not force and _run_info(final).get("code_version") == code:
@@ -520,10 +588,12 @@ def execute(ch:Chapter, preset:str, params:dict, root:Path, force:bool=False, ti
     (tmp/"env.json").write_text(json.dumps(env_record(seed=params.get("seed")), indent=1, default=str))
     (tmp/"spec.json").write_text(json.dumps(dict(nb=str(ch.path), out=str(tmp/"executed.ipynb"), params=params,
                                                  cwd=str(ch.path.parent), parent=os.getpid())))
-    cmd = [sys.executable, "-c", "import sys; from lipapers.repro import _exec_child; _exec_child(sys.argv[1])", str(tmp/"spec.json")]
+    cmd = [sys.executable, "-c", "import sys; from lipapers.repro import _exec_child; _exec_child(sys.argv[1])",
+           str(tmp/"spec.json")]
     t0 = time.time()
     with open(tmp/"stdout.log", "w") as log:
-        p = subprocess.Popen(cmd, env=_child_env(tmp, Path(root), rid), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        p = subprocess.Popen(cmd, env=_child_env(tmp, Path(root), rid), stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True)
         try: rc = _wait(p, tmp, timeout, on_progress)
         except BaseException: _stop(p); raise  # Ctrl-C: the child is in its own group, the terminal's SIGINT missed it
     return _finish(ch, preset, rid, params, over, code, tmp, final, rc, time.time() - t0, timeout)
@@ -536,7 +606,9 @@ def _finish(ch, preset, rid, params, over, code, tmp, final, rc, secs, timeout)-
     elif rc == 0:
         try: _stamp_metrics(tmp, ch, preset, rid, params, over, code)
         except Exception as e:
-            rc = 1; (tmp/"error.json").write_text(json.dumps(dict(cell_index=None, ename=type(e).__name__, evalue=str(e), source="")))
+            rc = 1
+            err = dict(cell_index=None, ename=type(e).__name__, evalue=str(e), source="")
+            (tmp/"error.json").write_text(json.dumps(err))
     if rc == 0:
         info = dict(run_id=rid, seconds=secs, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), code_version=code,
                     default_run=not over, overrides=over)
@@ -547,11 +619,14 @@ def _finish(ch, preset, rid, params, over, code, tmp, final, rc, secs, timeout)-
     if rc == 0: return RunResult(ch.name, preset, rid, final, "complete", params, seconds=secs)
     return RunResult(ch.name, preset, rid, final, "failed", params, _describe_error(final), secs)
 
+# %% ../nbs/01_repro.ipynb #51806ddd
 def _timeout_error(tmp:Path, timeout:float, secs:float):
     try: p = json.loads((tmp/"progress.json").read_text())
     except (OSError, ValueError): p = {}
-    (tmp/"error.json").write_text(json.dumps(dict(cell_index=p.get("cell"), source=p.get("source", ""), ename="TimeoutError",
-        evalue=f"the run passed its deadline of {timeout:.0f} s (--timeout, or `timeout:` in the preset)", elapsed=round(secs, 1))))
+    (tmp/"error.json").write_text(json.dumps(dict(
+        cell_index=p.get("cell"), source=p.get("source", ""), ename="TimeoutError",
+        evalue=f"the run passed its deadline of {timeout:.0f} s (--timeout, or `timeout:` in the preset)",
+        elapsed=round(secs, 1))))
 
 # %% ../nbs/01_repro.ipynb #c0de0006
 def _describe_error(final:Path)->str:
@@ -560,7 +635,8 @@ def _describe_error(final:Path)->str:
     if not f.exists(): return f"the notebook process failed (see {final/'stdout.log'})"
     e = json.loads(f.read_text())
     if e.get("cell_index") is not None:
-        where = f"cell {e['cell_index']} (`{_first_line(e.get('source') or '')}`)" + (f", {e['line']}" if e.get("line") else "")
+        where = (f"cell {e['cell_index']} (`{_first_line(e.get('source') or '')}`)"
+                 + (f", {e['line']}" if e.get("line") else ""))
     else: where = "set-up (before the first cell ran: kernel start or papermill)"
     after = f" after {e['elapsed']:.0f} s" if e.get("elapsed") is not None else ""
     return f"failed in {where}{after}: {e['ename']}: {e['evalue']}; partial notebook kept at {final/'executed.ipynb'}"
@@ -570,7 +646,8 @@ class _Progress:
     "Progress lines for runs: rewritten in place on a terminal, at most every 15 s otherwise (logs, CI)."
     def __init__(self, out=None): self.out, self.last, self.state = out or sys.stderr, 0.0, {}
     def __call__(self, key:str, p:dict):
-        self.state[key] = f"{key} cell {p['cell']} ({p['done']}/{p['total']} code cells) `{p['source'][:40]}` {time.time() - p['run_started']:.0f}s"
+        self.state[key] = (f"{key} cell {p['cell']} ({p['done']}/{p['total']} code cells) `{p['source'][:40]}` "
+                           f"{time.time() - p['run_started']:.0f}s")
         tty = self.out.isatty()
         if not tty and time.time() - self.last < 15: return
         self.last = time.time(); line = " | ".join(self.state.values())
@@ -579,12 +656,18 @@ class _Progress:
         self.state.pop(key, None)
         if self.out.isatty(): self.out.write("\r\x1b[K"); self.out.flush()
 
+# %% ../nbs/01_repro.ipynb #47fc3bc9
+#| export
+
+# %% ../nbs/01_repro.ipynb #9166b6cc
 def run(chapter:str, preset:str="tiny", overrides=(), runs:str|Path|None=None, force:bool=False, nbs:Path|None=None,
         timeout:float|None=None, progress:bool=False)->RunResult:
     "Execute a chapter once (all input checked first)."
     ch = get_chapter(chapter, nbs); params = resolve(ch, preset, overrides); root = runs_dir(runs)
     rid, pr = run_id(ch, params), _Progress() if progress else None
-    if progress: print(f"{chapter} ({preset}, run {rid}): {ch.path.name}, deadline {timeout or default_timeout(ch, preset, root):.0f} s", file=sys.stderr)
+    if progress:
+        print(f"{chapter} ({preset}, run {rid}): {ch.path.name}, "
+              f"deadline {timeout or default_timeout(ch, preset, root):.0f} s", file=sys.stderr)
     r = execute(ch, preset, params, root, force, timeout, (lambda p: pr(rid, p)) if pr else None)
     if pr: pr.done(rid)
     return r
@@ -600,9 +683,11 @@ def sweep(chapter:str, grid, preset:str="tiny", overrides=(), jobs:int=1, runs:s
     root, results = runs_dir(runs), []
     from concurrent.futures import ThreadPoolExecutor, as_completed
     from tqdm.auto import tqdm
-    with ThreadPoolExecutor(jobs) as ex, tqdm(total=len(points), desc=f"sweep {chapter}", disable=not progress, file=sys.stderr) as bar:
+    with (ThreadPoolExecutor(jobs) as ex,
+          tqdm(total=len(points), desc=f"sweep {chapter}", disable=not progress, file=sys.stderr) as bar):
         def report(rid, p): bar.set_postfix_str(f"{rid[:6]}: cell {p['cell']} ({p['done']}/{p['total']})", refresh=True)
-        futs = [ex.submit(execute, ch, preset, p, root, force, timeout, (lambda q, r=run_id(ch, p): report(r, q))) for p in points]
+        futs = [ex.submit(execute, ch, preset, p, root, force, timeout, (lambda q, r=run_id(ch, p): report(r, q)))
+                for p in points]
         for f in as_completed(futs):
             r = f.result(); results.append(r); bar.update(1)
             if r.status == "failed": bar.write(f"run {r.run_id} {r.error}")
@@ -612,20 +697,26 @@ def sweep(chapter:str, grid, preset:str="tiny", overrides=(), jobs:int=1, runs:s
 def _run_dirs(root:Path, chapter:str|None=None):
     "Every run folder (complete or failed) under `root`, as (chapter, preset, folder)."
     for d in sorted(Path(root).glob(f"{chapter or '*'}/*/*")):
-        if d.is_dir() and not d.name.startswith(".") and d.parent.parent.parent == Path(root) and d.parent.name != "interactive":
+        if (d.is_dir() and not d.name.startswith(".") and d.parent.parent.parent == Path(root)
+                and d.parent.name != "interactive"):
             yield d.parent.parent.name, d.parent.name, d
 
+# %% ../nbs/01_repro.ipynb #6c0de4fc
 def _versions(root:Path, nbs=None)->dict:
     try: return {n: code_version(c) for n, c in chapters(nbs).items()}
     except (OSError, ValueError): return {}
 
+# %% ../nbs/01_repro.ipynb #8d567fbe
 def results(chapter:str|None=None, runs:str|Path|None=None, latest:bool=False, stale:bool=False, nbs=None):
-    "Complete runs' metrics (optionally of one chapter); `latest`: each chapter/preset's newest default run; `stale`: keep old-code runs."
+    ("Complete runs' metrics (optionally of one chapter); `latest`: each chapter/preset's newest default run; "
+     "`stale`: keep old-code runs.")
     import polars as pl
     root = runs_dir(runs)
     if chapter is not None and not (root/chapter).is_dir():
-        known = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))) if root.is_dir() else []
-        raise UsageError(f"no runs of chapter {chapter!r} in {root}; chapters with runs: {', '.join(known) or '(none)'}")
+        known = (sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
+                 if root.is_dir() else [])
+        raise UsageError(f"no runs of chapter {chapter!r} in {root}; "
+                         f"chapters with runs: {', '.join(known) or '(none)'}")
     cur, keep = None, {}
     for ch, pre, d in _run_dirs(root, chapter):
         info = _run_info(d)
@@ -635,27 +726,34 @@ def results(chapter:str|None=None, runs:str|Path|None=None, latest:bool=False, s
         if latest and (not info.get("default_run", True) or info["finished"] <= keep.get((ch, pre), ("",))[0]): continue
         keep[(ch, pre) if latest else d] = (info["finished"], d)
     files = sorted(d/"metrics.parquet" for _, d in keep.values())
-    if not files: return pl.DataFrame(schema=dict(chapter=pl.Utf8, run_id=pl.Utf8, preset=pl.Utf8, method=pl.Utf8, metric=pl.Utf8, value=pl.Float64, unit=pl.Utf8, step=pl.Int64))
+    if not files: return pl.DataFrame(schema=dict(chapter=pl.Utf8, run_id=pl.Utf8, preset=pl.Utf8, method=pl.Utf8,
+                                                  metric=pl.Utf8, value=pl.Float64, unit=pl.Utf8, step=pl.Int64))
     return pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed")
 
 # %% ../nbs/01_repro.ipynb #d0e00002
 def list_runs(chapter:str|None=None, runs:str|Path|None=None, nbs=None)->list:
-    "Every run as a dict: chapter, preset, run_id, status (complete, stale, failed, running, interrupted), finished, seconds, overrides."
+    ("Every run as a dict: chapter, preset, run_id, status (complete, stale, failed, running, interrupted), "
+     "finished, seconds, overrides.")
     root, out, cur = runs_dir(runs), [], None
     for ch, pre, d in _run_dirs(root, chapter):
         info, cur = _run_info(d), _versions(root, nbs) if cur is None else cur
         try: meta = json.loads((d/"params.json").read_text())
         except (OSError, ValueError): meta = {}
-        st = "failed" if not info else "stale" if info.get("code_version") != cur.get(ch, info.get("code_version")) else "complete"
+        stale = info.get("code_version") != cur.get(ch, info.get("code_version"))
+        st = "failed" if not info else "stale" if stale else "complete"
         err = _describe_error(d) if st == "failed" else ""
         out.append(dict(chapter=ch, preset=pre, run_id=d.name, status=st, finished=info.get("finished", ""),
-                        seconds=round(info.get("seconds", 0.0), 1), overrides=json.dumps(meta.get("overrides", {}), default=str), error=err, path=str(d)))
+                        seconds=round(info.get("seconds", 0.0), 1),
+                        overrides=json.dumps(meta.get("overrides", {}), default=str), error=err, path=str(d)))
     for t in sorted(Path(root).glob(f"{chapter or '*'}/*/.*.tmp-*")):
         pid = _tmp_pid(t)
-        out.append(dict(chapter=t.parent.parent.name, preset=t.parent.name, run_id=t.name.split(".")[1], finished="", seconds=0.0,
-                        status="running" if pid and _pid_alive(pid) else "interrupted", overrides="", error="", path=str(t)))
+        out.append(dict(chapter=t.parent.parent.name, preset=t.parent.name, run_id=t.name.split(".")[1], finished="",
+                        seconds=0.0,
+                        status="running" if pid and _pid_alive(pid) else "interrupted", overrides="", error="",
+                        path=str(t)))
     return out
 
+# %% ../nbs/01_repro.ipynb #12fd95fb
 def clean(chapter:str|None=None, runs:str|Path|None=None, dry_run:bool=False, nbs=None)->list:
     "Remove failed, stale and interrupted runs; return what was (or, with `dry_run`, would be) removed."
     gone = [r for r in list_runs(chapter, runs, nbs) if r["status"] in ("failed", "stale", "interrupted")]
@@ -667,18 +765,23 @@ def clean(chapter:str|None=None, runs:str|Path|None=None, dry_run:bool=False, nb
 def _fmt_list(chs:dict)->str:
     out = []
     for ch in chs.values():
-        out.append(f"{ch.name}  ({ch.path.relative_to(nbs_dir()) if ch.path.is_relative_to(nbs_dir()) else ch.path})  {ch.title}")
+        where = ch.path.relative_to(nbs_dir()) if ch.path.is_relative_to(nbs_dir()) else ch.path
+        out.append(f"{ch.name}  ({where})  {ch.title}")
         for p in ch.presets.values(): out.append(f"  preset {p.name:<10} {p.target}")
         for p in ch.params.values(): out.append(f"  param  {p.name:<18} {p.type:<10} {p.default!r:<14} {p.doc}")
     return "\n".join(out)
 
+# %% ../nbs/01_repro.ipynb #544c5329
 def _fmt_table(rows:list, cols:list)->str:
     "A plain aligned text table (full values, no truncation)."
     w = {c: max([len(c)] + [len(str(r[c])) for r in rows]) for c in cols}
-    return "\n".join(["  ".join(c.ljust(w[c]) for c in cols)] + ["  ".join(str(r[c]).ljust(w[c]) for c in cols) for r in rows])
+    return "\n".join(["  ".join(c.ljust(w[c]) for c in cols)]
+                     + ["  ".join(str(r[c]).ljust(w[c]) for c in cols) for r in rows])
 
+# %% ../nbs/01_repro.ipynb #780c79b5
 class _ArgError(Exception): pass
 
+# %% ../nbs/01_repro.ipynb #9d3c7548
 class _Parser(argparse.ArgumentParser):
     def error(self, message): raise _ArgError(message)  # one line, exit 2, from main()
 
@@ -688,27 +791,42 @@ def _run_opts(s, sweep:bool):
     s.add_argument("--preset", default="tiny", help="parameter preset (default: tiny, the notebook's own defaults)")
     s.add_argument("-p", action="append", default=[], metavar="KEY=VALUE", help="override a parameter (repeatable)")
     s.add_argument("--runs-dir", default=None, help="where runs are written (default: $LIPAPERS_RUNS, else runs/)")
-    s.add_argument("--timeout", type=float, default=None, help="seconds per run (default: the preset's timeout, else 5x its last run, else 3600)")
+    s.add_argument("--timeout", type=float, default=None,
+                   help="seconds per run (default: the preset's timeout, else 5x its last run, else 3600)")
     s.add_argument("--force", action="store_true", help="run again even if a complete run with the current code exists")
     if sweep:
-        s.add_argument("-g", action="append", default=[], metavar="KEY=V1,V2", help="a grid axis (repeatable: the cartesian product)")
+        s.add_argument("-g", action="append", default=[], metavar="KEY=V1,V2",
+                       help="a grid axis (repeatable: the cartesian product)")
         s.add_argument("-j", type=int, default=1, help="runs in parallel (default 1)")
 
+# %% ../nbs/01_repro.ipynb #c3b3ae67
 def _parser():
     ap = _Parser(prog="lipapers", description="Run and gather lipapers chapter reproductions.")
     ap.add_argument("--version", action="version", version=f"lipapers {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
-    sub.add_parser("list", help="chapters, presets and parameters").add_argument("chapter", nargs="?", help="only this chapter")
+    sub.add_parser("list", help="chapters, presets and parameters").add_argument("chapter", nargs="?",
+                                                                                 help="only this chapter")
     _run_opts(sub.add_parser("run", help="run a chapter once"), False)
     _run_opts(sub.add_parser("sweep", help="run a chapter over a grid of parameters"), True)
-    r = sub.add_parser("results", help="complete runs' metrics as one table")
+    _results_opts(sub.add_parser("results", help="complete runs' metrics as one table"))
+    _admin_cmds(sub)
+    return ap
+
+# %% ../nbs/01_repro.ipynb #5645ffe2
+def _results_opts(r):
     r.add_argument("chapter", nargs="?", help="only this chapter")
-    r.add_argument("--format", choices=("table", "csv", "parquet"), default="table", help="output format (default: table)")
+    r.add_argument("--format", choices=("table", "csv", "parquet"), default="table",
+                   help="output format (default: table)")
     r.add_argument("-o", "--output", default=None, help="write to this file (needed for parquet)")
     r.add_argument("--runs-dir", default=None, help="the runs folder (default: $LIPAPERS_RUNS, else runs/)")
     r.add_argument("--latest", action="store_true", help="only the newest default-parameter run per chapter and preset")
     r.add_argument("--stale", action="store_true", help="include runs made by older code")
-    for name, h in (("runs", "list runs with status, duration and overrides"), ("clean", "remove failed, stale and interrupted runs")):
+
+# %% ../nbs/01_repro.ipynb #b3354fe1
+def _admin_cmds(sub):
+    "The `runs`, `clean`, `repro` and `lab` subcommands."
+    for name, h in (("runs", "list runs with status, duration and overrides"),
+                    ("clean", "remove failed, stale and interrupted runs")):
         s = sub.add_parser(name, help=h); s.add_argument("chapter", nargs="?", help="only this chapter")
         s.add_argument("--runs-dir", default=None, help="the runs folder (default: $LIPAPERS_RUNS, else runs/)")
         if name == "clean": s.add_argument("--dry-run", action="store_true", help="only say what would be removed")
@@ -718,7 +836,6 @@ def _parser():
     lb = sub.add_parser("lab", help="JupyterLab on 127.0.0.1 with a token")
     lb.add_argument("--port", type=int, default=8888, help="port (default 8888)")
     lb.add_argument("extra", nargs="*", help="further JupyterLab options (after --)")
-    return ap
 
 # %% ../nbs/01_repro.ipynb #c1f7f635
 def main(argv=None)->int:
@@ -729,7 +846,8 @@ def main(argv=None)->int:
     except (UsageError, _ArgError, ValueError, FileNotFoundError) as e:
         print(f"lipapers: error: {e}", file=sys.stderr); return 2
     except KeyboardInterrupt:
-        print("lipapers: interrupted; finished runs are kept, unfinished ones will run again", file=sys.stderr); return 130
+        print("lipapers: interrupted; finished runs are kept, unfinished ones will run again", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # output piped into a reader that closed early (`lipapers list | head`): not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno()); return 0
 
@@ -739,28 +857,43 @@ def _dispatch(a)->int:
         chs = chapters()
         if a.chapter: chs = {a.chapter: get_chapter(a.chapter)}
         print(_fmt_list(chs)); return 0
-    if a.cmd == "run":
-        r = run(a.chapter, a.preset, a.p, a.runs_dir, a.force, timeout=a.timeout, progress=True)
-        print(f"{r.status}: {r.path}" + (f"  ({r.seconds:.1f}s)" if r.seconds else "") + (f"\n{r.error}" if r.error else ""))
-        if r.status != "failed": print(f"results: lipapers results {a.chapter}" + (f" --runs-dir {a.runs_dir}" if a.runs_dir else ""))
-        return 1 if r.status == "failed" else 0
-    if a.cmd == "sweep":
-        rs = sweep(a.chapter, a.g, a.preset, a.p, a.j, a.runs_dir, timeout=a.timeout, force=a.force)
-        n = {s: sum(r.status == s for r in rs) for s in ("complete", "skipped", "failed")}
-        print(f"sweep {a.chapter}: {n['complete']} run, {n['skipped']} already complete, {n['failed']} failed; runs in {runs_dir(a.runs_dir)/a.chapter/a.preset}")
-        return 1 if n["failed"] else 0
+    if a.cmd == "run": return _run_cmd(a)
+    if a.cmd == "sweep": return _sweep_cmd(a)
     if a.cmd == "results": return _results_cmd(a)
-    if a.cmd == "runs":
-        rows = list_runs(a.chapter, a.runs_dir)
-        if not rows: raise UsageError(f"no runs{' of ' + a.chapter if a.chapter else ''} in {runs_dir(a.runs_dir)}")
-        print(_fmt_table(rows, ["chapter", "preset", "run_id", "status", "finished", "seconds", "overrides"])); return 0
-    if a.cmd == "clean":
-        gone = clean(a.chapter, a.runs_dir, a.dry_run)
-        for r in gone: print(f"{'would remove' if a.dry_run else 'removed'} {r['status']:<11} {r['path']}")
-        print(f"{len(gone)} run(s) {'to remove' if a.dry_run else 'removed'}"); return 0
+    if a.cmd == "runs": return _runs_cmd(a)
+    if a.cmd == "clean": return _clean_cmd(a)
     if a.cmd == "repro": return repro(a.runs_dir, docs=not a.no_docs)
     if a.cmd == "lab": return lab(a.port, a.extra)
     return 2
+
+# %% ../nbs/01_repro.ipynb #cbc7029b
+def _run_cmd(a)->int:
+    r = run(a.chapter, a.preset, a.p, a.runs_dir, a.force, timeout=a.timeout, progress=True)
+    print(f"{r.status}: {r.path}" + (f"  ({r.seconds:.1f}s)" if r.seconds else "")
+          + (f"\n{r.error}" if r.error else ""))
+    if r.status != "failed":
+        print(f"results: lipapers results {a.chapter}" + (f" --runs-dir {a.runs_dir}" if a.runs_dir else ""))
+    return 1 if r.status == "failed" else 0
+
+# %% ../nbs/01_repro.ipynb #5a915103
+def _sweep_cmd(a)->int:
+    rs = sweep(a.chapter, a.g, a.preset, a.p, a.j, a.runs_dir, timeout=a.timeout, force=a.force)
+    n = {s: sum(r.status == s for r in rs) for s in ("complete", "skipped", "failed")}
+    print(f"sweep {a.chapter}: {n['complete']} run, {n['skipped']} already complete, {n['failed']} failed; "
+          f"runs in {runs_dir(a.runs_dir)/a.chapter/a.preset}")
+    return 1 if n["failed"] else 0
+
+# %% ../nbs/01_repro.ipynb #be198f46
+def _runs_cmd(a)->int:
+    rows = list_runs(a.chapter, a.runs_dir)
+    if not rows: raise UsageError(f"no runs{' of ' + a.chapter if a.chapter else ''} in {runs_dir(a.runs_dir)}")
+    print(_fmt_table(rows, ["chapter", "preset", "run_id", "status", "finished", "seconds", "overrides"])); return 0
+
+# %% ../nbs/01_repro.ipynb #226df9c5
+def _clean_cmd(a)->int:
+    gone = clean(a.chapter, a.runs_dir, a.dry_run)
+    for r in gone: print(f"{'would remove' if a.dry_run else 'removed'} {r['status']:<11} {r['path']}")
+    print(f"{len(gone)} run(s) {'to remove' if a.dry_run else 'removed'}"); return 0
 
 # %% ../nbs/01_repro.ipynb #e0f00002
 def _results_cmd(a)->int:
@@ -768,13 +901,15 @@ def _results_cmd(a)->int:
     df = results(a.chapter, a.runs_dir, a.latest, a.stale)
     if df.height == 0:
         n = len(list_runs(a.chapter, a.runs_dir))
-        raise UsageError(f"no complete runs in {runs_dir(a.runs_dir)}" + (f" ({n} failed, stale or running: see `lipapers runs`)" if n else ""))
+        raise UsageError(f"no complete runs in {runs_dir(a.runs_dir)}"
+                         + (f" ({n} failed, stale or running: see `lipapers runs`)" if n else ""))
     if a.format == "parquet":
         if not a.output: raise UsageError("--format parquet needs -o FILE")
         df.write_parquet(a.output)
     elif a.format == "csv": (df.write_csv(a.output) if a.output else sys.stdout.write(df.write_csv()))
     else:
-        with pl.Config(tbl_rows=-1, tbl_cols=12, fmt_str_lengths=200, tbl_hide_column_data_types=True, tbl_hide_dataframe_shape=True): print(df)
+        with pl.Config(tbl_rows=-1, tbl_cols=12, fmt_str_lengths=200, tbl_hide_column_data_types=True,
+                       tbl_hide_dataframe_shape=True): print(df)
     return 0
 
 # %% ../nbs/01_repro.ipynb #9a30c787
@@ -782,15 +917,18 @@ def repro(runs=None, docs:bool=True)->int:
     "Run every chapter's default preset, gather results, build the docs."
     chs, root, failed = chapters(), runs_dir(runs), []
     est = sum(max([_run_info(d).get("seconds", 0) for d in (root/n/"tiny").glob("[0-9a-f]*")] or [0]) for n in chs)
-    print(f"lipapers repro: {len(chs)} chapters at their default preset into {root}" + (f"; about {est/60:.0f} min from the last runs" if est else ""), flush=True)
+    print(f"lipapers repro: {len(chs)} chapters at their default preset into {root}"
+          + (f"; about {est/60:.0f} min from the last runs" if est else ""), flush=True)
     for i, (name, ch) in enumerate(chs.items(), 1):
         print(f"[{i}/{len(chs)}] {name} ...", flush=True)
         r = execute(ch, "tiny", resolve(ch, "tiny"), root, on_progress=(lambda p, n=name, pr=_Progress(): pr(n, p)))
-        print(f"[{i}/{len(chs)}] {name:<12} {r.status:<9} {r.seconds:7.1f}s  {r.path}" + (f"\n  {r.error}" if r.error else ""), flush=True)
+        print(f"[{i}/{len(chs)}] {name:<12} {r.status:<9} {r.seconds:7.1f}s  {r.path}"
+              + (f"\n  {r.error}" if r.error else ""), flush=True)
         if r.status == "failed": failed.append(name)
     df = results(runs=runs, latest=True)
     df.write_parquet(root/"results.parquet")
-    print(f"results: {root/'results.parquet'} ({df['run_id'].n_unique() if df.height else 0} runs, {df.height} metric rows); "
+    print(f"results: {root/'results.parquet'} "
+          f"({df['run_id'].n_unique() if df.height else 0} runs, {df.height} metric rows); "
           f"`lipapers results --latest` shows them" + (f"; failed: {', '.join(failed)}" if failed else ""), flush=True)
     if docs:
         try: from lipapers import docs as _docs
@@ -814,21 +952,25 @@ class LipapersContents(AsyncLargeFileManager):
             md.setdefault("language_info", dict(IPythonKernel.language_info))
             try: spec = KernelSpecManager().get_kernel_spec(ks.get("name", "python3"))
             except Exception: spec = None
-            if spec is not None: md["kernelspec"] = dict(name=ks.get("name", "python3"), display_name=spec.display_name, language=spec.language)
+            if spec is not None: md["kernelspec"] = dict(name=ks.get("name", "python3"), \
+display_name=spec.display_name, language=spec.language)
         return m
 
 c.ServerApp.contents_manager_class = LipapersContents
 """
 
+# %% ../nbs/01_repro.ipynb #568633bd
 def lab(port:int=8888, extra=())->int:
-    "Start JupyterLab on 127.0.0.1 with a token (from the environment, not the command line), widget-state saving on, no news."
+    ("Start JupyterLab on 127.0.0.1 with a token (from the environment, not the command line), widget-state saving on, "
+     "no news.")
     from lipapers.core import project_root
     settings = Path(sys.prefix)/"share/jupyter/lab/settings"; settings.mkdir(parents=True, exist_ok=True)
     f = settings/"overrides.json"; cur = json.loads(f.read_text()) if f.exists() else {}
     cur.setdefault("@jupyter-widgets/jupyterlab-manager:plugin", {})["saveState"] = True
     cur.setdefault("@jupyterlab/apputils-extension:notification", {}).update(fetchNews="false", checkForUpdates=False)
     f.write_text(json.dumps(cur, indent=1))
-    conf = Path(sys.prefix)/"share/lipapers/lab/jupyter_server_config.py"; conf.parent.mkdir(parents=True, exist_ok=True)
+    conf = Path(sys.prefix)/"share/lipapers/lab/jupyter_server_config.py"
+    conf.parent.mkdir(parents=True, exist_ok=True)
     conf.write_text(_LAB_CONFIG)
     token = os.environ.get("LIPAPERS_LAB_TOKEN") or os.urandom(12).hex()
     cmd = [str(Path(sys.executable).parent/"jupyter"), "lab", "--no-browser", "--ip", "127.0.0.1", "--port", str(port),
