@@ -19,7 +19,7 @@ __all__ = ['LOSSES', 'SPLITS', 'bt_loss', 'bsr_loss', 'centering_loss', 'margin_
            'SyntheticWorld', 'synthetic_world', 'gold_of', 'SyntheticPrefs', 'synthetic_prefs', 'Arm', 'run_arms',
            'result_rows', 'same_tokenizer', 'lm_inputs', 'rm_reward_fn', 'lm_prefs', 'rloo_advantages', 'train_rloo']
 
-# %% ../nbs/alignment/21_bsr.ipynb #e52678ed
+# %% ../nbs/alignment/21_bsr.ipynb #3320734a
 def _check_rewards(r_chosen:Tensor, r_rejected:Tensor):
     "Both must be finite floating (B,) tensors of one shape with B ≥ 1."
     for k, v in (("r_chosen", r_chosen), ("r_rejected", r_rejected)):
@@ -32,6 +32,7 @@ def _check_rewards(r_chosen:Tensor, r_rejected:Tensor):
     if not (torch.isfinite(r_chosen).all() and torch.isfinite(r_rejected).all()):
         raise ValueError("rewards contain nan or inf; they must be finite")
 
+# %% ../nbs/alignment/21_bsr.ipynb #bfcd54c6
 def _check_coef(name:str, v):
     "A finite real number ≥ 0."
     if isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -46,7 +47,7 @@ def bt_loss(r_chosen:Tensor, # (B,) rewards r^w of the chosen responses
     _check_rewards(r_chosen, r_rejected)
     return -F.logsigmoid(r_chosen - r_rejected).mean()
 
-# %% ../nbs/alignment/21_bsr.ipynb #8e259935
+# %% ../nbs/alignment/21_bsr.ipynb #b5153006
 def bsr_loss(r_chosen:Tensor, # (B,) rewards of the chosen responses
              r_rejected:Tensor, # (B,) rewards of the rejected responses
              lam:float=1e-3, # λ ≥ 0 (`bsr_lambda`); the official recipe uses 1e-3
@@ -59,7 +60,7 @@ def bsr_loss(r_chosen:Tensor, # (B,) rewards of the chosen responses
     mean = torch.cat([r_chosen, r_rejected]).mean()                     # (1/2B) Σ_i (r_i^w + r_i^l)
     return bt + lam_eff * mean.square()
 
-# %% ../nbs/alignment/21_bsr.ipynb #79d2aef2
+# %% ../nbs/alignment/21_bsr.ipynb #04a041fb
 def centering_loss(r_chosen:Tensor, r_rejected:Tensor, # (B,) rewards
                    coef:float=0.01, # c ≥ 0; TRL's `center_rewards_coefficient` suggestion
                   )->Tensor:
@@ -67,6 +68,7 @@ def centering_loss(r_chosen:Tensor, r_rejected:Tensor, # (B,) rewards
     _check_coef("coef", coef)
     return bt_loss(r_chosen, r_rejected) + coef * (r_chosen + r_rejected).square().mean()
 
+# %% ../nbs/alignment/21_bsr.ipynb #33616abc
 def margin_bt_loss(r_chosen:Tensor, r_rejected:Tensor, # (B,) rewards
                    margin:float|Tensor=0.5, # m ≥ 0: a constant or a (B,) tensor of per-pair margins
                   )->Tensor:
@@ -81,7 +83,7 @@ def margin_bt_loss(r_chosen:Tensor, r_rejected:Tensor, # (B,) rewards
 # %% ../nbs/alignment/21_bsr.ipynb #64630653
 LOSSES = ("bt", "bsr", "center", "margin")
 
-# %% ../nbs/alignment/21_bsr.ipynb #6b7d39e9
+# %% ../nbs/alignment/21_bsr.ipynb #cfd3c00f
 class MLPEncoder(nn.Module):
     "Feature encoder $h=f_\\theta(\\psi)$: `n_layers` linear layers with GELU between them and no output normalisation."
     def __init__(self, d_in:int, d_hidden:int=64, n_layers:int=3):
@@ -93,11 +95,12 @@ class MLPEncoder(nn.Module):
         self.net, self.d_out = nn.Sequential(*mods), d_hidden
     def forward(self, x:Tensor)->Tensor: return self.net(x)
 
-# %% ../nbs/alignment/21_bsr.ipynb #9aef1786
+# %% ../nbs/alignment/21_bsr.ipynb #07ae3e41
 class RewardOutput(NamedTuple):
     reward:Tensor # (N,) scalar rewards r = wᵀh
     hidden:Tensor # (N, D) the hidden states h the head reads
 
+# %% ../nbs/alignment/21_bsr.ipynb #1f6de60f
 def _lm_hidden(lm:LM, ids:Tensor, attn:Tensor, pre_norm:bool)->Tensor:
     "(N, D) hidden state of each row's last real token (right padding; the causal mask keeps padding unseen)."
     T = ids.shape[1]
@@ -106,7 +109,7 @@ def _lm_hidden(lm:LM, ids:Tensor, attn:Tensor, pre_norm:bool)->Tensor:
     h = x[torch.arange(len(ids), device=ids.device), attn.sum(1) - 1]
     return h if pre_norm else lm.norm(h, lm.backend)
 
-# %% ../nbs/alignment/21_bsr.ipynb #6d6ecaa8
+# %% ../nbs/alignment/21_bsr.ipynb #868e681a
 class RewardModel(nn.Module):
     "Scalar head $r=w^\\top h$ on an `MLPEncoder` (inputs `x`) or a `lipapers.lm.LM` (inputs `ids`, `attn`)."
     def __init__(self, backbone:nn.Module, # `MLPEncoder` (or any module x -> (N, D)) or `LM`
@@ -136,7 +139,7 @@ def norm_dispersion(h:Tensor, # (N, D) hidden states
     if len(n) < 2: raise ValueError(f"need ≥ 2 hidden states, got {len(n)}")
     return float(n.std() / n.mean())
 
-# %% ../nbs/alignment/21_bsr.ipynb #0ce241ff
+# %% ../nbs/alignment/21_bsr.ipynb #ba76ab47
 @dataclass
 class RMConfig:
     "Reward-model training recipe."
@@ -156,6 +159,7 @@ class RMConfig:
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"need epochs ≥ 1 and batch_size ≥ 1, got {self.epochs}, {self.batch_size}")
 
+# %% ../nbs/alignment/21_bsr.ipynb #511c650f
 def rm_loss(cfg:RMConfig, r_chosen:Tensor, r_rejected:Tensor)->Tensor:
     "The loss `cfg.loss` with its coefficient."
     if cfg.loss == "bt": return bt_loss(r_chosen, r_rejected)
@@ -163,7 +167,7 @@ def rm_loss(cfg:RMConfig, r_chosen:Tensor, r_rejected:Tensor)->Tensor:
     if cfg.loss == "center": return centering_loss(r_chosen, r_rejected, cfg.coef)
     return margin_bt_loss(r_chosen, r_rejected, cfg.margin)
 
-# %% ../nbs/alignment/21_bsr.ipynb #332b9c0a
+# %% ../nbs/alignment/21_bsr.ipynb #20cbc97b
 class PairSet(NamedTuple):
     "Preference pairs as model inputs: dicts of tensors with N rows (`x`, or `ids` + `attn`)."
     chosen:dict
@@ -171,14 +175,17 @@ class PairSet(NamedTuple):
     @property
     def n(self)->int: return len(next(iter(self.chosen.values())))
 
+# %% ../nbs/alignment/21_bsr.ipynb #a9b94650
 class ScoredSet(NamedTuple):
     "Responses grouped by prompt with their gold rewards (an evaluation pool)."
     inputs:dict # model inputs, M rows
     gold:np.ndarray # (M,) gold rewards
     groups:np.ndarray # (M,) prompt id of each response
 
+# %% ../nbs/alignment/21_bsr.ipynb #30f1ae1f
 def _take(inputs:dict, idx)->dict: return {k: v[idx] for k, v in inputs.items()}
 
+# %% ../nbs/alignment/21_bsr.ipynb #49bb4b6e
 @torch.no_grad()
 def score(rm:RewardModel, inputs:dict, batch_size:int=512)->RewardOutput:
     "Rewards and hidden states of every row of `inputs`, in batches."
@@ -186,7 +193,7 @@ def score(rm:RewardModel, inputs:dict, batch_size:int=512)->RewardOutput:
     outs = [rm(**_take(inputs, slice(i, i + batch_size))) for i in range(0, n, batch_size)]
     return RewardOutput(torch.cat([o.reward for o in outs]), torch.cat([o.hidden for o in outs]))
 
-# %% ../nbs/alignment/21_bsr.ipynb #00ecf6e0
+# %% ../nbs/alignment/21_bsr.ipynb #a68bae4b
 def _groups(scores, gold, groups):
     "Validated numpy arrays and the index lists of each group."
     s, g, q = (np.asarray(a) for a in (scores, gold, groups))
@@ -200,6 +207,7 @@ def _groups(scores, gold, groups):
     order = np.argsort(inv, kind="stable")
     return s.astype(float), g.astype(float), np.split(order, np.cumsum(cnt)[:-1])
 
+# %% ../nbs/alignment/21_bsr.ipynb #f86e9b28
 def grouped_kendall_tau(scores, gold, groups)->float:
     "Mean over groups (prompts) of Kendall's τ-b of `scores` vs `gold`; all-tied groups skipped."
     s, g, idx = _groups(scores, gold, groups)
@@ -212,6 +220,7 @@ def grouped_kendall_tau(scores, gold, groups)->float:
             taus.append((a * b).sum() / math.sqrt((n0 - t_s) * (n0 - t_g)))
     return float(np.mean(taus)) if taus else float("nan")
 
+# %% ../nbs/alignment/21_bsr.ipynb #fbc416fe
 def pairwise_accuracy(scores, gold, groups)->float:
     "Fraction of within-group pairs with different gold that `scores` order the same way (score ties count ½)."
     s, g, idx = _groups(scores, gold, groups)
@@ -222,7 +231,7 @@ def pairwise_accuracy(scores, gold, groups)->float:
         m = b != 0; hits += ((a[m] == b[m]) + 0.5 * (a[m] == 0)).sum(); n += m.sum()
     return float(hits / n) if n else float("nan")
 
-# %% ../nbs/alignment/21_bsr.ipynb #0e04ec68
+# %% ../nbs/alignment/21_bsr.ipynb #af8cb6e5
 def best_of_n_curve(proxy, gold, groups, # (M,) proxy scores, gold rewards, prompt ids
                     ns, # pool sizes n to evaluate, each 1 ≤ n ≤ the smallest pool
                    )->np.ndarray:
@@ -240,7 +249,7 @@ def best_of_n_curve(proxy, gold, groups, # (M,) proxy scores, gold rewards, prom
             out[j] += (p * gm).sum()
     return out / len(idx)
 
-# %% ../nbs/alignment/21_bsr.ipynb #6f43d2a5
+# %% ../nbs/alignment/21_bsr.ipynb #920a2217
 def train_reward_model(rm:RewardModel, pairs:PairSet, cfg:RMConfig,
                        seed:int=0, # batch order
                        eval_sets:dict|None=None, # name -> ScoredSet tracked during training (dispersion, max |r|)
@@ -271,7 +280,7 @@ def train_reward_model(rm:RewardModel, pairs:PairSet, cfg:RMConfig,
     rm.eval()
     return hist
 
-# %% ../nbs/alignment/21_bsr.ipynb #036fd3fb
+# %% ../nbs/alignment/21_bsr.ipynb #ad389abc
 def evaluate_rm(rm:RewardModel, sets:dict, # name -> ScoredSet
                )->dict:
     "Per set: Kendall τ-b (mean per prompt), pairwise accuracy, ‖h‖ dispersion, max |r| and mean r."
@@ -283,7 +292,7 @@ def evaluate_rm(rm:RewardModel, sets:dict, # name -> ScoredSet
                          mean_reward=float(r.mean()))
     return out
 
-# %% ../nbs/alignment/21_bsr.ipynb #07f6cc8d
+# %% ../nbs/alignment/21_bsr.ipynb #9a4d64db
 class SyntheticWorld(NamedTuple):
     "Fixed parts of the feature-level preference world (the note's generator)."
     prompt_means:Tensor # (4, d) prompt clusters
@@ -291,6 +300,7 @@ class SyntheticWorld(NamedTuple):
     gen_scales:Tensor # (6,) spread of each generator
     W:Tensor; b:Tensor; v:Tensor # gold MLP g(ψ) = vᵀ tanh(Wψ + b)
 
+# %% ../nbs/alignment/21_bsr.ipynb #df22ee57
 def synthetic_world(world_seed:int=0, d:int=16, hidden:int=64, ood_shift:float=2.0)->SyntheticWorld:
     "Prompt clusters, generators (4, 5 shifted, wider: response-OOD), a random 2-layer gold MLP on ψ."
     g = torch.Generator().manual_seed(world_seed)
@@ -300,11 +310,12 @@ def synthetic_world(world_seed:int=0, d:int=16, hidden:int=64, ood_shift:float=2
                                                                                                     generator=g),
                           3 * torch.randn(hidden, generator=g) / math.sqrt(hidden))
 
+# %% ../nbs/alignment/21_bsr.ipynb #45a8bfac
 def gold_of(w:SyntheticWorld, psi:Tensor)->Tensor:
     "Gold reward g(ψ) = vᵀ tanh(Wψ + b), (N, 2d) -> (N,)."
     return torch.tanh(psi @ w.W.T + w.b) @ w.v
 
-# %% ../nbs/alignment/21_bsr.ipynb #3828524d
+# %% ../nbs/alignment/21_bsr.ipynb #26b972b0
 SPLITS = {"val1": ((0, 1), (0, 1, 2, 3)), "val2": ((2, 3), (0, 1, 2, 3)),  # (prompt clusters, generators)
           "val3": ((0, 1), (4, 5)), "val4": ((2, 3), (4, 5))}  # val2 prompt-, val3 response-, val4 mutual-OOD
 
@@ -314,6 +325,7 @@ class SyntheticPrefs(NamedTuple):
     bon:ScoredSet # best-of-n pools: in-domain prompts, responses from all 6 generators
     world:SyntheticWorld
 
+# %% ../nbs/alignment/21_bsr.ipynb #62ad67d5
 def synthetic_prefs(n_pairs:int=2000, seed:int=0, # pairs (one prompt each) and the sampling seed
                     n_val:int=400, k:int=4, # prompts per validation split, responses per prompt
                     n_bon:int=200, bon_pool:int=32, # best-of-n prompts and pool size
@@ -336,13 +348,14 @@ def synthetic_prefs(n_pairs:int=2000, seed:int=0, # pairs (one prompt each) and 
     val = {name: pool(cl, gens, n_val, k) for name, (cl, gens) in SPLITS.items()}
     return SyntheticPrefs(train, val, pool((0, 1), tuple(range(6)), n_bon, bon_pool), w)
 
-# %% ../nbs/alignment/21_bsr.ipynb #b5ed4470
+# %% ../nbs/alignment/21_bsr.ipynb #726d526b
 class Arm(NamedTuple):
     "One reward model to train: a name, its recipe and whether the backbone is frozen."
     name:str
     cfg:RMConfig
     freeze:bool=False
 
+# %% ../nbs/alignment/21_bsr.ipynb #11203467
 def run_arms(make_backbone:Callable, # () -> a fresh backbone (the same weights every call, e.g. after seeding)
              pairs:PairSet, arms:list, seed:int, # arms share the seed: same init, same batch order
              sets:dict, # name -> ScoredSet evaluated at the end
@@ -360,7 +373,7 @@ def run_arms(make_backbone:Callable, # () -> a fresh backbone (the same weights 
         out[a.name] = res
     return out
 
-# %% ../nbs/alignment/21_bsr.ipynb #ba68b4cf
+# %% ../nbs/alignment/21_bsr.ipynb #90585488
 def result_rows(part:str, seed:int, res:dict, # res = run_arms(...) output
                 ns:tuple, oracle:np.ndarray|None=None, # best-of-n grid and the gold-selection curve
                )->list[dict]:
@@ -384,13 +397,15 @@ def result_rows(part:str, seed:int, res:dict, # res = run_arms(...) output
                 rows.append(dict(base, metric="bon_gain_frac", value=float(frac), n=int(ns[-1])))
     return rows
 
-# %% ../nbs/alignment/21_bsr.ipynb #8e140920
+# %% ../nbs/alignment/21_bsr.ipynb #687878a4
 def same_tokenizer(a, b)->bool: return a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id
 
+# %% ../nbs/alignment/21_bsr.ipynb #318c29df
 def lm_inputs(tok, prompts:list[str], responses:list[str], max_len:int)->dict:
     "Right-padded reward-model inputs `ids`, `attn` of prompt + response."
     ids, attn, _ = encode_pairs(tok, prompts, responses, max_len); return dict(ids=ids, attn=attn)
 
+# %% ../nbs/alignment/21_bsr.ipynb #e87154f8
 def rm_reward_fn(rm:RewardModel, rm_tok, policy_tok)->Callable:
     "(prompts, responses) -> (N,) proxy rewards; the RM must read the policy's tokens."
     if not same_tokenizer(rm_tok, policy_tok):
@@ -398,7 +413,7 @@ def rm_reward_fn(rm:RewardModel, rm_tok, policy_tok)->Callable:
     ctx = rm.backbone.cfg.max_seq_len
     return lambda P, R: score(rm, lm_inputs(rm_tok, P, R, ctx)).reward
 
-# %% ../nbs/alignment/21_bsr.ipynb #2b393611
+# %% ../nbs/alignment/21_bsr.ipynb #613d9b39
 def _pool(model, tok, prompts:list[str], k:int, temperature:float, seed:int, max_new_tokens:int)->tuple:
     "k sampled responses per prompt and their gold rewards (lipapers.tasks)."
     from lipapers.tasks import gold_reward
@@ -406,6 +421,7 @@ def _pool(model, tok, prompts:list[str], k:int, temperature:float, seed:int, max
     R = generate(model, tok, P, max_new_tokens, temperature, seed=seed)
     return P, R, np.array([gold_reward(p, r) for p, r in zip(P, R)]), np.repeat(np.arange(len(prompts)), k)
 
+# %% ../nbs/alignment/21_bsr.ipynb #219686db
 def lm_prefs(model, tok, n_prompts:int=32, n_val:int=24, seed:int=0, k:int=4, ood_temperature:float=1.5,
              families:tuple=("sort", "copy", "add", "recall"), heldout:tuple=("reverse",), max_new_tokens:int=16,
              bt_tau:float=0.1, bon_pool:int=16)->tuple:
@@ -436,7 +452,7 @@ def rloo_advantages(rewards:Tensor, # (P·k,) rewards, rows grouped by prompt (k
     r = rewards.view(-1, k)
     return (r - (r.sum(1, keepdim=True) - r) / (k - 1)).reshape(-1)
 
-# %% ../nbs/alignment/21_bsr.ipynb #268ba82d
+# %% ../nbs/alignment/21_bsr.ipynb #3c8d1ccb
 def train_rloo(policy:LM, ref:LM, tok, # policy (trained in place), frozen reference, shared tokenizer
                reward_fn:Callable, # (prompts, responses) -> (N,) proxy reward
                prompts:list[str], gold_fn:Callable, # gold_fn(prompt, response) -> float, logged only
