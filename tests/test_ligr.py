@@ -170,7 +170,7 @@ def test_bad_inputs():
 
 
 def test_same_seed_same_result_and_sessions():
-    w = G.make_world("positive", 0, 200, 400, 8); data, imps = G.world_sessions(w, 120, 8)
+    w = G.make_world("positive", 0, 100, 200, 8); data, imps = G.world_sessions(w, 60, 8)
     assert data["cand_valid"].sum() == len(imps) and (data["time"].diff() >= 0).all()
     t0 = data["time"]; hist_ok = data["hist_len"] <= 8
     assert hist_ok.all() and (data["cand_item"][data["cand_valid"]].numpy() == imps["post_id"].to_numpy()).all()
