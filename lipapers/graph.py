@@ -17,12 +17,13 @@ from sklearn.metrics import roc_auc_score, average_precision_score
 # %% auto #0
 __all__ = ['FAMILIES', 'GRAPHS', 'NETWORKS', 'CHANNELS', 'TRANSFORMS', 'METHODS', 'CHANNEL_FAMILY', 'EXPERIMENTS', 'SACHS_SHA256',
            'check_data', 'Loss', 'make_loss', 'GraphFit', 'offdiag_l1', 'iggl_objective', 'b_step', 'alpha_step',
-           'omega_step', 'moment_start', 'iggl', 'check_truth', 'graph_precision', 'load_network', 'moral_adjacency',
-           'network_precision', 'simulate_latent_graph', 'edge_set', 'edge_metrics', 'path_auc', 'top_k_edges',
-           'lam_grid', 'partial_corr', 'dense_scores', 'path_scores', 'ebic', 'GraphEstimate', 'glasso',
-           'rank_correlation', 'nonparanormal', 'neighborhood_selection', 'oracle_glasso', 'iggl_path', 'select_ebic',
-           'iggl_estimate', 'fit_methods', 'score_rows', 'simulate_discrete_network', 'run_draw', 'experiment_cells',
-           'summarize', 'sachs', 'skeleton_adjacency', 'run_sachs']
+           'omega_step', 'moment_start', 'center_step', 'em_residual', 'IgglConvergenceWarning', 'iggl', 'check_truth',
+           'graph_precision', 'load_network', 'moral_adjacency', 'network_precision', 'simulate_latent_graph',
+           'edge_set', 'edge_metrics', 'path_auc', 'top_k_edges', 'lam_grid', 'partial_corr', 'dense_scores',
+           'path_scores', 'ebic', 'GraphEstimate', 'glasso', 'rank_correlation', 'nonparanormal',
+           'neighborhood_selection', 'oracle_glasso', 'iggl_path', 'select_ebic', 'iggl_estimate', 'fit_methods',
+           'score_rows', 'simulate_discrete_network', 'run_draw', 'experiment_cells', 'summarize', 'sachs',
+           'skeleton_adjacency', 'run_sachs']
 
 # %% ../nbs/optim/53_graph.ipynb #d97b380d
 FAMILIES = ("poisson", "bernoulli", "gaussian", "huber")
@@ -85,16 +86,15 @@ class Loss:
         if self.name == "poisson":  # log-normal moments are exact: E e^θ = e^{th + v/2}
             mu = np.exp(np.minimum(th + v / 2, 30))
             return (mu - y * th, mu - y, mu) if grad else mu - y * th
+        t, yk = th[..., None] + np.sqrt(v)[..., None] * _GX, y[..., None]  # the 16 Gauss–Hermite nodes per entry
         if self.name == "bernoulli":
-            l = _gh(lambda t, y: np.logaddexp(0, t) - y * t, y, th, v)
+            l = (np.logaddexp(0, t) - yk * t) @ _GW
             if not grad: return l
-            g = _gh(lambda t, y: _sig(t) - y, y, th, v)
-            return l, g, _gh(lambda t, y: _sig(t) * (1 - _sig(t)) + 0 * y, y, th, v)
-        huber = lambda r: np.where(np.abs(r) <= d, r * r / 2, d * np.abs(r) - d * d / 2)
-        l = _gh(lambda t, y: huber(y - t) / s, y, th, v)  # huber on the raw residual, threshold δσ, divided by σ²
+            q = _sig(t); return l, (q - yk) @ _GW, (q * (1 - q)) @ _GW
+        r = yk - t  # huber on the raw residual, threshold δσ, divided by σ²
+        l = np.where(np.abs(r) <= d, r * r / 2, d * np.abs(r) - d * d / 2) @ _GW / s
         if not grad: return l
-        g = _gh(lambda t, y: -np.clip(y - t, -d, d) / s, y, th, v)
-        return l, g, _gh(lambda t, y: (np.abs(y - t) <= d) / s, y, th, v)
+        return l, -np.clip(r, -d, d) @ _GW / s, (np.abs(r) <= d) @ _GW / s
 
 # %% ../nbs/optim/53_graph.ipynb #247dd0e4
 def make_loss(family: str, noise_var=None) -> Loss:
@@ -120,11 +120,12 @@ class GraphFit:
     lam: float = float("nan")
     family: str = "gaussian"
     V: np.ndarray = None  # posterior covariances (n, p, p), or None in the glasso limit
+    residual: float = 0.0  # fixed-point residual of the last EM map (see `em_residual`); 0 in the glasso limit
 
     def __repr__(self):
         e = int((np.abs(np.triu(self.precision, 1)) > 0).sum())
-        return (f"GraphFit({self.family}, lam={self.lam:.3g}, p={len(self.alpha)}, edges={e}, "
-                f"n_iter={self.n_iter}, converged={self.converged}, objective={self.objective[-1]:.6g})")
+        return (f"GraphFit({self.family}, lam={self.lam:.3g}, p={len(self.alpha)}, edges={e}, n_iter={self.n_iter}, "
+                f"converged={self.converged}, residual={self.residual:.2g}, objective={self.objective[-1]:.6g})")
 
 # %% ../nbs/optim/53_graph.ipynb #4229cb2d
 def offdiag_l1(W): return float(np.abs(W).sum() - np.abs(np.diag(W)).sum())
@@ -205,13 +206,30 @@ def moment_start(Y, loss: Loss, alpha, floor=1e-3, min_eig=0.05):
     S0 = (U * np.maximum(w, min_eig * max(np.mean(np.abs(np.diag(S0))), 1e-6))) @ U.T
     return np.linalg.inv(S0)
 
+# %% ../nbs/optim/53_graph.ipynb #313f263c
+def center_step(alpha, M):
+    "Move the column means of M into α: (α + m̄, M − m̄). E ℓ is unchanged; tr(ΩS) falls by m̄ᵀΩm̄ ≥ 0."
+    mb = M.mean(0)
+    return alpha + mb, M - mb
+
+# %% ../nbs/optim/53_graph.ipynb #f94042b1
+def em_residual(alpha, M, Om, an, Mn, On) -> float:
+    "Scale-free fixed-point residual of one EM map (α, M, Ω) → (an, Mn, On): the largest relative change."
+    rel = lambda a, b: np.linalg.norm(b - a) / max(np.linalg.norm(b), 1e-12)
+    return float(max(rel(Om, On), rel(M, Mn), np.abs(an - alpha).max() / (1 + np.abs(an).max())))
+
+# %% ../nbs/optim/53_graph.ipynb #1ac4cf28
+class IgglConvergenceWarning(UserWarning):
+    "iggl stopped before its fixed-point residual reached tol (max_iter reached, or no decrease along the step)."
+
 # %% ../nbs/optim/53_graph.ipynb #5cda446a
-def _check_iggl(lam, max_iter, tol, damping, curvature_floor):
+def _check_iggl(lam, max_iter, tol, damping, curvature_floor, stop="residual"):
     if not np.isfinite(lam) or lam <= 0: raise ValueError(f"lam must be > 0 (sklearn's alpha scale), got {lam!r}")
     if int(max_iter) < 1: raise ValueError(f"max_iter must be ≥ 1, got {max_iter!r}")
     if not tol > 0: raise ValueError(f"tol must be > 0, got {tol!r}")
     if not 0 < damping <= 1: raise ValueError(f"damping must be in (0, 1] (the first step fraction), got {damping!r}")
     if not curvature_floor > 0: raise ValueError(f"curvature_floor must be > 0, got {curvature_floor!r}")
+    if stop not in ("residual", "objective"): raise ValueError(f"stop must be one of ['residual', 'objective'], got {stop!r}")
 
 # %% ../nbs/optim/53_graph.ipynb #cacce2b6
 def _glasso_limit(Y, lam):
@@ -222,10 +240,11 @@ def _glasso_limit(Y, lam):
     return GraphFit(Om, M, alpha, 1, True, [float(F)], S, lam, "gaussian", None)
 
 # %% ../nbs/optim/53_graph.ipynb #e029fad4
-def iggl(Y, family: str = "poisson", lam: float = 0.1, max_iter: int = 100, tol: float = 1e-5, damping: float = 1.0,
-         curvature_floor: float = 1e-3, em_correction: bool = True, noise_var=None, warm: GraphFit = None) -> GraphFit:
-    "Iterative Gaussian graph learning (reconstruction): B-, α- and Ω-steps with backtracking on Eq. (R1)."
-    Y = check_data(Y, family); _check_iggl(lam, max_iter, tol, damping, curvature_floor)
+def iggl(Y, family: str = "poisson", lam: float = 0.1, max_iter: int = 200, tol: float = 1e-4, damping: float = 1.0,
+         curvature_floor: float = 1e-3, em_correction: bool = True, noise_var=None, warm: GraphFit = None,
+         center: bool = True, stop: str = "residual") -> GraphFit:
+    "Iterative Gaussian graph learning (reconstruction): B-, centering, α- and Ω-steps with backtracking on Eq. (R1)."
+    Y = check_data(Y, family); _check_iggl(lam, max_iter, tol, damping, curvature_floor, stop)
     loss = make_loss(family, noise_var)
     if family == "gaussian" and loss.scale == 0: return _glasso_limit(Y, lam)
     n, p = Y.shape
@@ -234,23 +253,31 @@ def iggl(Y, family: str = "poisson", lam: float = 0.1, max_iter: int = 100, tol:
         alpha = _init_alpha(Y, family); Om = moment_start(Y, loss, alpha, curvature_floor)
         M, V = np.zeros((n, p)), np.broadcast_to(np.linalg.inv(Om), (n, p, p))
     kw = dict(em_correction=em_correction)
-    F = iggl_objective(Y, loss, lam, alpha, M, V, Om, **kw); hist, converged = [F], False
+    F = iggl_objective(Y, loss, lam, alpha, M, V, Om, **kw); hist, converged, r, stalled = [F], False, np.inf, False
     for it in range(1, int(max_iter) + 1):
         Mn, Vn = b_step(Y, loss, alpha, M, V, Om, curvature_floor, **kw)
-        an = alpha_step(Y, loss, alpha, Mn, Vn, curvature_floor, **kw)
+        an, Mn = center_step(alpha, Mn) if center else (alpha, Mn)
+        an = alpha_step(Y, loss, an, Mn, Vn, curvature_floor, **kw)
         On, S = omega_step(Mn, Vn, lam, **kw)
+        r = em_residual(alpha, M, Om, an, Mn, On)  # of the current state: one full EM map
         t = damping
         while t > 1e-3:  # backtracking: shrink the step until Eq. (R1) does not increase
             cand = [(1 - t) * a + t * b for a, b in ((alpha, an), (M, Mn), (V, Vn), (Om, On))]
             Fn = iggl_objective(Y, loss, lam, *cand, **kw)
             if Fn <= F + 1e-10 * abs(F): break
             t /= 2
-        else: break  # no decrease along the proposed step: stop here (converged stays False)
+        else: stalled = True; break  # no decrease along the proposed step: stop, reported below
         alpha, M, V, Om = cand
-        converged = abs(F - Fn) <= tol * (abs(F) + 1); F = Fn; hist.append(F)
+        converged = r <= tol if stop == "residual" else abs(F - Fn) <= tol * (abs(F) + 1)
+        F = Fn; hist.append(F)
         if converged: break
-    fit = GraphFit(Om, M, alpha, it, converged, hist, _state_S(M, V if em_correction else None), lam, family, V)
-    return fit
+    if not converged and stop == "residual":
+        import warnings
+        why = "no decrease along the EM step" if stalled else f"max_iter={int(max_iter)} reached"
+        warnings.warn(f"iggl({family}, lam={lam:.3g}): {why} with fixed-point residual {r:.2g} > tol {tol:.0e}",
+                      IgglConvergenceWarning, stacklevel=2)
+    S = _state_S(M, V if em_correction else None)
+    return GraphFit(Om, M, alpha, it, converged, hist, S, lam, family, V, float(r))
 
 # %% ../nbs/optim/53_graph.ipynb #a836e639
 GRAPHS = ("chain", "hub", "erdos_renyi")
@@ -434,6 +461,7 @@ class GraphEstimate:
     lam: float = float("nan")
     path: list = field(default_factory=list, repr=False)
     entry_scores: np.ndarray = field(default=None, repr=False)  # path entry counts (ties: unpenalized partial corr.)
+    info: dict = field(default_factory=dict)  # solver diagnostics logged with the scores (iggl: EM iterations, caps)
 
 # %% ../nbs/optim/53_graph.ipynb #fcef9ab4
 def _std(X): return (X - X.mean(0)) / X.std(0)
@@ -536,10 +564,12 @@ def select_ebic(path: list, gamma: float = 0.5) -> GraphFit:
 
 # %% ../nbs/optim/53_graph.ipynb #70b39bc0
 def iggl_estimate(path: list, gamma: float = 0.5) -> GraphEstimate:
-    "An `iggl_path` as a GraphEstimate: Ω at the eBIC choice, dense and entry scores."
+    "An `iggl_path` as a GraphEstimate: Ω at the eBIC choice, dense and entry scores, EM diagnostics over the path."
     f = select_ebic(path, gamma); dense = min(path, key=lambda f: f.lam)
     P = [f.precision for f in path]
-    return GraphEstimate("iggl", f.precision, dense_scores(P), f.lam, P, path_scores(P, dense.S))
+    info = dict(em_iters=sum(f.n_iter for f in path), em_unconverged=sum(not f.converged for f in path),
+                em_residual=max(f.residual for f in path))
+    return GraphEstimate("iggl", f.precision, dense_scores(P), f.lam, P, path_scores(P, dense.S), info)
 
 # %% ../nbs/optim/53_graph.ipynb #ee87f729
 METHODS = ("glasso_raw", "glasso_log1p", "nonparanormal", "neighborhood", "iggl", "oracle")
@@ -549,7 +579,7 @@ CHANNEL_FAMILY = {"poisson": "poisson", "bernoulli": "bernoulli", "gaussian": "g
                   "nonparanormal": "huber"}
 
 # %% ../nbs/optim/53_graph.ipynb #5b5d36c3
-def fit_methods(Y, family: str, B=None, noise_var=None, n_lams: int = 6, ratio: float = 0.02, max_iter: int = 20,
+def fit_methods(Y, family: str, B=None, noise_var=None, n_lams: int = 6, ratio: float = 0.02, max_iter: int = 200,
                 select: str = "ebic") -> dict:
     "Every method on the same data: name → (GraphEstimate, seconds); log1p only for counts; oracle needs B."
     Y = check_data(Y, family)
@@ -572,7 +602,8 @@ def score_rows(fits: dict, truth) -> list:
     T = check_truth(truth); k = int(np.triu(T, 1).sum()); rows = []
     for name, (e, sec) in fits.items():
         m = {**path_auc(e.scores, T), **{f"{a}_path": b for a, b in path_auc(e.entry_scores, T).items()},
-             **edge_metrics(e.precision, T), "f1_k": edge_metrics(top_k_edges(e.scores, k), T)["f1"], "seconds": sec}
+             **edge_metrics(e.precision, T), "f1_k": edge_metrics(top_k_edges(e.scores, k), T)["f1"], "seconds": sec,
+             **e.info}
         rows += [dict(method=name, metric=a, value=float(b)) for a, b in m.items()]
     return rows
 
@@ -662,7 +693,7 @@ def skeleton_adjacency(edges, names) -> np.ndarray:
 
 # %% ../nbs/optim/53_graph.ipynb #8d24feb3
 def run_sachs(n_boot: int = 2, seed: int = 0, noise_var: float = 0.1, n_lams: int = 6, ratio: float = 0.02,
-              max_iter: int = 20, n_sub: int = 0) -> list:
+              max_iter: int = 200, n_sub: int = 0) -> list:
     "Sachs bootstrap resamples (n_sub rows, 0 = all): glasso raw/log, nonparanormal, iggl-huber on standardized logs."
     X, edges = sachs(); names = X.columns; Z = X.to_numpy().astype(float)
     truths = {"skeleton": skeleton_adjacency(edges, names), "moral": moral_adjacency(edges, names)}
