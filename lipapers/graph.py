@@ -16,14 +16,14 @@ from sklearn.metrics import roc_auc_score, average_precision_score
 
 # %% auto #0
 __all__ = ['FAMILIES', 'GRAPHS', 'NETWORKS', 'CHANNELS', 'TRANSFORMS', 'METHODS', 'CHANNEL_FAMILY', 'EXPERIMENTS', 'SACHS_SHA256',
-           'check_data', 'Loss', 'make_loss', 'GraphFit', 'offdiag_l1', 'iggl_objective', 'b_step', 'alpha_step',
-           'omega_step', 'moment_start', 'center_step', 'em_residual', 'IgglConvergenceWarning', 'iggl', 'check_truth',
-           'graph_precision', 'load_network', 'moral_adjacency', 'network_precision', 'simulate_latent_graph',
-           'edge_set', 'edge_metrics', 'path_auc', 'top_k_edges', 'lam_grid', 'partial_corr', 'dense_scores',
-           'path_scores', 'ebic', 'GraphEstimate', 'glasso', 'rank_correlation', 'nonparanormal',
-           'neighborhood_selection', 'oracle_glasso', 'iggl_path', 'select_ebic', 'iggl_estimate', 'fit_methods',
-           'score_rows', 'simulate_discrete_network', 'run_draw', 'experiment_cells', 'summarize', 'sachs',
-           'skeleton_adjacency', 'run_sachs']
+           'check_data', 'Loss', 'make_loss', 'GraphFit', 'offdiag_l1', 'iggl_objective', 'curvature', 'b_step',
+           'alpha_step', 'omega_step', 'moment_start', 'center_step', 'em_residual', 'fixed_point_residual',
+           'IgglConvergenceWarning', 'iggl', 'check_truth', 'graph_precision', 'load_network', 'moral_adjacency',
+           'network_precision', 'simulate_latent_graph', 'edge_set', 'edge_metrics', 'path_auc', 'top_k_edges',
+           'lam_grid', 'partial_corr', 'dense_scores', 'path_scores', 'ebic', 'GraphEstimate', 'glasso',
+           'rank_correlation', 'nonparanormal', 'neighborhood_selection', 'oracle_glasso', 'iggl_path', 'select_ebic',
+           'iggl_estimate', 'fit_methods', 'score_rows', 'simulate_discrete_network', 'run_draw', 'experiment_cells',
+           'summarize', 'sachs', 'skeleton_adjacency', 'run_sachs']
 
 # %% ../nbs/optim/53_graph.ipynb #d97b380d
 FAMILIES = ("poisson", "bernoulli", "gaussian", "huber")
@@ -163,12 +163,17 @@ def iggl_objective(Y, loss: Loss, lam, alpha, M, V, Omega, em_correction=True) -
         F -= 0.5 * lv.sum()
     return float(F)
 
+# %% ../nbs/optim/53_graph.ipynb #ca32a252
+def curvature(loss: Loss, h, floor: float = 1e-3):
+    "B-step curvature d_ij: max(E ℓ'', floor); the global bound 1/σ² for huber (a majorizer; E ℓ'' can be 0 there)."
+    return np.full_like(h, 1 / loss.scale) if loss.name == "huber" else np.maximum(h, floor)
+
 # %% ../nbs/optim/53_graph.ipynb #d6fc4aed
 def b_step(Y, loss: Loss, alpha, M, V, Omega, curvature_floor=1e-3, em_correction=True):
     "Majorized B-step, Eq. (R2): b_i = (D_i + Ω)⁻¹ D_i (z_i − α), z = θ − E ℓ'/D; V_i = (D_i + Ω)⁻¹."
     v = np.diagonal(V, axis1=1, axis2=2) if (em_correction and V is not None) else np.zeros_like(M)
     _, g, h = loss.moments(Y, alpha + M, v)
-    D = np.maximum(h, curvature_floor)
+    D = curvature(loss, h, curvature_floor)
     z_minus_alpha = M - g / D  # working response, centred
     P = D[:, :, None] * np.eye(Y.shape[1]) + Omega  # (n, p, p) posterior precisions
     Vn = np.linalg.inv(P)
@@ -180,7 +185,7 @@ def alpha_step(Y, loss: Loss, alpha, M, V, curvature_floor=1e-3, em_correction=T
     "One Newton step per column for the intercepts: α_j ← α_j − Σ_i E ℓ'_ij / Σ_i max(E ℓ''_ij, floor)."
     v = np.diagonal(V, axis1=1, axis2=2) if (em_correction and V is not None) else np.zeros_like(M)
     _, g, h = loss.moments(Y, alpha + M, v)
-    return alpha - g.sum(0) / np.maximum(h, curvature_floor).sum(0)
+    return alpha - g.sum(0) / curvature(loss, h, curvature_floor).sum(0)
 
 # %% ../nbs/optim/53_graph.ipynb #94475932
 def omega_step(M, V, lam, em_correction=True):
@@ -199,7 +204,7 @@ def _init_alpha(Y, family):
 def moment_start(Y, loss: Loss, alpha, floor=1e-3, min_eig=0.05):
     "Start for Ω: S0 = cov(z) − diag(mean 1/D) of the working response at B = 0, eigenvalues floored; returns S0⁻¹."
     _, g, h = loss.moments(Y, np.broadcast_to(alpha, Y.shape), np.zeros_like(Y))
-    D = np.maximum(h, floor)
+    D = curvature(loss, h, floor)
     z = -g / D
     S0 = np.cov(z.T, bias=True) - np.diag((1 / D).mean(0))
     w, U = np.linalg.eigh((S0 + S0.T) / 2)
@@ -217,6 +222,15 @@ def em_residual(alpha, M, Om, an, Mn, On) -> float:
     "Scale-free fixed-point residual of one EM map (α, M, Ω) → (an, Mn, On): the largest relative change."
     rel = lambda a, b: np.linalg.norm(b - a) / max(np.linalg.norm(b), 1e-12)
     return float(max(rel(Om, On), rel(M, Mn), np.abs(an - alpha).max() / (1 + np.abs(an).max())))
+
+# %% ../nbs/optim/53_graph.ipynb #67af017f
+def fixed_point_residual(Y, fit: GraphFit, noise_var=None, curvature_floor: float = 1e-3) -> float:
+    "`em_residual` of one more full, undamped EM map applied to a fit's state: ≤ tol at a fixed point."
+    loss = make_loss(fit.family, noise_var); Y = check_data(Y, fit.family)
+    Mn, Vn = b_step(Y, loss, fit.alpha, fit.B, fit.V, fit.precision, curvature_floor)
+    an, Mn = center_step(fit.alpha, Mn)
+    On, _ = omega_step(Mn, Vn, fit.lam)
+    return em_residual(fit.alpha, fit.B, fit.precision, alpha_step(Y, loss, an, Mn, Vn, curvature_floor), Mn, On)
 
 # %% ../nbs/optim/53_graph.ipynb #1ac4cf28
 class IgglConvergenceWarning(UserWarning):

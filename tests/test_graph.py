@@ -190,3 +190,47 @@ def test_bad_inputs():
         with pytest.raises(ValueError, match=None) as e:
             fn()
         assert msg in str(e.value), (msg, str(e.value))
+
+
+def _em_map(Y, fit, family="poisson"):
+    "One full undamped EM map from a fit's state (B-step, centering, α-step, Ω-step): the fixed-point check."
+    loss = G.make_loss(family)
+    Mn, Vn = G.b_step(Y, loss, fit.alpha, fit.B, fit.V, fit.precision)
+    an, Mn = G.center_step(fit.alpha, Mn)
+    an = G.alpha_step(Y, loss, an, Mn, Vn)
+    On, _ = G.omega_step(Mn, Vn, fit.lam)
+    return G.em_residual(fit.alpha, fit.B, fit.precision, an, Mn, On)
+
+
+def test_high_counts_reach_the_fixed_point_and_old_rule_stops_early():
+    "High counts (mean ≈ 30): the residual rule reaches the EM fixed point; the old |ΔF|/|F| < 1e-5 rule stopped early."
+    Y, _, _ = G.simulate_latent_graph("hub", 120, "poisson", 3.0, 0, p=12)
+    fit = G.iggl(Y, "poisson", lam=0.04, max_iter=200, tol=1e-4)
+    assert fit.converged and fit.n_iter < 200 and fit.residual <= 1e-4
+    assert _em_map(Y, fit) <= 1e-4  # recomputed independently of the loop's bookkeeping
+    old = G.iggl(Y, "poisson", lam=0.04, max_iter=200, tol=1e-5, center=False, stop="objective")
+    assert old.converged and old.n_iter <= 10  # the old rule fires after a few iterations ...
+    assert _em_map(Y, old) > 10 * 1e-4  # ... far from its fixed point
+    assert fit.objective[-1] < old.objective[-1]  # and the converged fit has the lower (R1)
+
+
+def test_center_step_never_increases_the_objective():
+    Y, _, _ = G.simulate_latent_graph("chain", 80, "poisson", 1.0, 1, p=6)
+    loss, lam = G.make_loss("poisson"), 0.05
+    fit = G.iggl(Y, "poisson", lam=lam, max_iter=3, center=False, stop="objective")
+    M = fit.B + np.random.default_rng(0).normal(0.3, 0.1, fit.B.shape[1])  # column means away from 0
+    a2, M2 = G.center_step(fit.alpha - 0.3, M)
+    np.testing.assert_allclose(a2[None] + M2, fit.alpha - 0.3 + M, atol=1e-12)  # θ = α + b unchanged
+    F = lambda a, m: G.iggl_objective(Y, loss, lam, a, m, fit.V, fit.precision)
+    assert F(a2, M2) <= F(fit.alpha - 0.3, M)
+
+
+def test_cap_is_reported_not_silent():
+    Y, _, _ = G.simulate_latent_graph("chain", 100, "poisson", -0.7, 0, p=8)
+    with pytest.warns(G.IgglConvergenceWarning, match="max_iter=2 reached"):
+        fit = G.iggl(Y, "poisson", lam=0.05, max_iter=2)
+    assert not fit.converged and fit.residual > 1e-4
+    est = G.iggl_estimate([fit])
+    assert est.info["em_unconverged"] == 1 and est.info["em_residual"] == fit.residual
+    with pytest.raises(ValueError, match="stop must be one of"):
+        G.iggl(Y, "poisson", stop="gap")
