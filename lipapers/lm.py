@@ -657,14 +657,14 @@ class PretrainedSpec:
 SMALL = LMConfig(vocab_size=2048, d_model=256, n_layers=4, n_heads=8, max_seq_len=256)
 SMALL_TRAIN = TrainConfig(n_steps=600, batch_size=16, seq_len=128, lr=3e-3, warmup=40, eval_every=200,
                           eval_tokens=32_768, bf16=True)
-SFT_TRAIN = TrainConfig(n_steps=150, batch_size=32, seq_len=256, lr=2e-3, warmup=15, eval_every=150,
+SFT_TRAIN = TrainConfig(n_steps=1100, batch_size=64, seq_len=256, lr=3e-3, warmup=50, eval_every=550,
                         eval_tokens=32_768, bf16=True)
 _STRING = ("sort", "copy", "reverse", "add", "recall")
 PRETRAINED:dict[str, PretrainedSpec] = {
     "tiny": PretrainedSpec(TINY, TINY_TRAIN),
     "small": PretrainedSpec(SMALL, SMALL_TRAIN, task_frac=0.25, n_task_examples=100_000, families=_STRING),
-    "small-sft": PretrainedSpec(None, SFT_TRAIN, parent="small", sft=True, n_task_examples=50_000,
-                                families=_STRING + ("recommend",), weights=(2, 1, 1, 1, 1, 1)),
+    "small-sft": PretrainedSpec(None, SFT_TRAIN, parent="small", sft=True, n_task_examples=150_000,
+                                families=_STRING + ("recommend",), weights=(2, 1.5, 1, 1, 1, 0.35)),
 }
 _TASKS_VERSION = 1
 
