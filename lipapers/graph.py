@@ -243,7 +243,8 @@ def _check_iggl(lam, max_iter, tol, damping, curvature_floor, stop="residual"):
     if not tol > 0: raise ValueError(f"tol must be > 0, got {tol!r}")
     if not 0 < damping <= 1: raise ValueError(f"damping must be in (0, 1] (the first step fraction), got {damping!r}")
     if not curvature_floor > 0: raise ValueError(f"curvature_floor must be > 0, got {curvature_floor!r}")
-    if stop not in ("residual", "objective"): raise ValueError(f"stop must be one of ['residual', 'objective'], got {stop!r}")
+    if stop not in ("residual", "objective"):
+        raise ValueError(f"stop must be one of ['residual', 'objective'], got {stop!r}")
 
 # %% ../nbs/optim/53_graph.ipynb #cacce2b6
 def _glasso_limit(Y, lam):
