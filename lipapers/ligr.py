@@ -84,6 +84,7 @@ def silu_weights(s:Tensor, allow:Tensor)->Tensor:
 def finish(self:HSTULayer, x:Tensor, a:Tensor, u:Tensor)->Tensor: # a (B, H, T, d/H) = A·V
     return x + self.drop(self.out(self.ln_a(a.transpose(1, 2).flatten(2)) * u))
 
+# %% ../nbs/ranking/31_ligr.ipynb #d7cfc73e
 @patch
 def forward(self:HSTULayer, x:Tensor, allow:Tensor|None=None, return_kv:bool=False):
     "The layer's output (B, T, d) under bool mask `allow` (T, T) or (B, 1, T, T); with `return_kv` also K, V."
@@ -195,6 +196,7 @@ def hist_tokens(self:LiGRRanker, b:dict)->tuple:
     x = x + sum(self.emb[f](b[hist_key(f)].clamp_min(0)) for f in ITEM_FEATS[1:] if f in self.emb)
     return (x + self.pos((L[:, None] - 1 - j).clamp_min(0))) * valid[..., None], valid
 
+# %% ../nbs/ranking/31_ligr.ipynb #7b915c46
 @patch
 def cand_tokens(self:LiGRRanker, b:dict)->Tensor:
     "Candidate tokens (B, m, d): Σ item-feature + age + slot embeddings + the candidates' shared position; no action."
@@ -205,6 +207,7 @@ def cand_tokens(self:LiGRRanker, b:dict)->Tensor:
 @patch
 def logit(self:LiGRRanker, rep:Tensor)->Tensor: return self.head(self.mlp(rep))  # (..., tasks)
 
+# %% ../nbs/ranking/31_ligr.ipynb #6f672e1d
 @patch
 def cand_sets(self:LiGRRanker, b:dict)->Tensor:
     "Set id per candidate: `cand_set` if set-wise (default: one set per row), else every candidate alone."
@@ -219,6 +222,7 @@ def _one_pass(self:LiGRRanker, b:dict)->Tensor:
     h = self.encode(torch.cat([xh, self.cand_tokens(b)], 1), setwise_mask(b["hist_len"], self.cand_sets(b), True, n))
     return self.logit(torch.cat([h[:, n:], _pool(h[:, :n], valid)[:, None].expand_as(h[:, n:])], -1))
 
+# %% ../nbs/ranking/31_ligr.ipynb #cce1e3f9
 @patch
 def _cached(self:LiGRRanker, b:dict, cand_allow:Tensor|None=None)->Tensor:
     "History encoded once (`HistoryRanker.encode_history`), candidates through `attend_cached`."
@@ -235,6 +239,7 @@ def _per_candidate(self:LiGRRanker, b:dict)->Tensor:
     one = {k: b[k].reshape(B * m, 1) for k in map(cand_key, ITEM_FEATS + CAND_FEATS)}
     return self._one_pass(rep | one).reshape(B, m, -1)
 
+# %% ../nbs/ranking/31_ligr.ipynb #cd1b28c7
 @patch
 def score(self:LiGRRanker, b:dict, mode:str="one_pass")->Tensor:
     "Logits (B, m, tasks) of the candidates of each row (the slate is in the batch)."
@@ -249,6 +254,7 @@ def toy_cards(n_items:int=30)->dict:
     "Small vocabularies for demonstrations and tests."
     return dict(post_id=n_items, author_id=7, topic=5, post_type=4, age=6, slot=9)
 
+# %% ../nbs/ranking/31_ligr.ipynb #0d901d6e
 def toy_batch(cards:dict, B:int=2, n:int=7, m:int=6, n_actions:int=5, seed:int=0)->dict:
     "A random ragged batch: histories of lengths n, n-3, ... and m candidates in two sets per row."
     g = torch.Generator().manual_seed(seed); r = lambda hi, *s: torch.randint(0, hi, s, generator=g)
@@ -259,9 +265,12 @@ def toy_batch(cards:dict, B:int=2, n:int=7, m:int=6, n_actions:int=5, seed:int=0
 
 # %% ../nbs/ranking/31_ligr.ipynb #33d3f851
 N_AGE = 12  # age buckets: ⌊log2(1 + age in hours)⌋, capped
+
+# %% ../nbs/ranking/31_ligr.ipynb #d985b1d3
 def age_bucket(hours:np.ndarray)->np.ndarray:
     return np.minimum(np.log2(1 + np.maximum(hours, 0)), N_AGE - 1).astype(np.int64)
 
+# %% ../nbs/ranking/31_ligr.ipynb #5dd416d4
 def world_cards(w:World, max_slate:int|None=None)->dict:
     "Vocabulary sizes of LiGRRanker's features in world `w` (jobs get the last author/topic/type id)."
     c = w.cfg
@@ -317,6 +326,7 @@ def split_sessions(data:dict, imps:pl.DataFrame, fracs:tuple=(0.7, 0.1, 0.2))->l
     return [({k: v[a:b] for k, v in data.items()}, imps.filter(pl.col("row").is_between(a, b - 1)))
             for a, b in zip(cuts[:-1], cuts[1:])]
 
+# %% ../nbs/ranking/31_ligr.ipynb #01a69b3d
 def take(data:dict, idx)->dict:
     "Rows `idx`, trimmed to the longest history (≥ 1 slot) and the longest slate among them."
     b = {k: v[idx] for k, v in data.items()}
@@ -331,6 +341,7 @@ def session_loss(model:LiGRRanker, b:dict)->Tensor:
     y = torch.stack([b[f"y_{t}"] for t in model.tasks], -1).float()
     return F.binary_cross_entropy_with_logits(z[ok], y[ok])
 
+# %% ../nbs/ranking/31_ligr.ipynb #036f52f8
 def fit(model:LiGRRanker, train:dict, val:dict|None=None, epochs:int=2, lr:float=3e-3, batch_size:int=64,
         seed:int=0)->dict:
     "AdamW on `session_loss`; keeps the epoch with the lowest validation loss; returns best epoch and seconds."
@@ -355,6 +366,7 @@ def predict(model:LiGRRanker, data:dict, batch_size:int=256, mode:str="one_pass"
         b = take(data, slice(i, i + batch_size)); out.append(torch.sigmoid(model.score(b, mode))[b["cand_valid"]])
     return torch.cat(out).numpy()
 
+# %% ../nbs/ranking/31_ligr.ipynb #9b894956
 @torch.no_grad()
 def eval_loss(model:LiGRRanker, data:dict, batch_size:int=256)->float:
     model.eval(); n = len(data["hist_len"])
@@ -413,6 +425,7 @@ def rule_rerank(scores:np.ndarray, # (m,) point-wise scores
         order.append((ok or left)[0]); left.remove(order[-1])
     return np.array(order, dtype=np.int64)
 
+# %% ../nbs/ranking/31_ligr.ipynb #d70a20d6
 def intra_list_diversity(items:np.ndarray, attrs:dict)->dict:
     "Distinct values of each attribute {name: (n_items,) array} within each list of `items` (R, k): {name: (R,)}."
     items = np.atleast_2d(items)
@@ -433,6 +446,7 @@ def dense_params(model:nn.Module)->int:
     emb = {id(p) for mod in model.modules() if isinstance(mod, nn.Embedding) for p in mod.parameters()}
     return sum(p.numel() for p in model.parameters() if id(p) not in emb)
 
+# %% ../nbs/ranking/31_ligr.ipynb #6d2c6ca5
 def train_flops(model:nn.Module, n_tokens:int, n_pairs:int=0)->float:
     "6 × dense params × tokens (+ 12·d·L per attended pair when `n_pairs` is given)."
     d, L = model.item.embedding_dim, len(model.layers)
@@ -469,6 +483,7 @@ def _auc_rows(y:dict, probs:dict, tasks:tuple)->list:
     return [dict(method=a, task=t, metric="auc", value=float(roc_auc_score(y[t], p[:, i])))
             for a, p in probs.items() for i, t in enumerate(tasks)]
 
+# %% ../nbs/ranking/31_ligr.ipynb #d56db64f
 def _baseline_rows(w:World, parts:list, tasks:tuple, seed:int)->list:
     from lipapers.baselines import ranking_baselines
     (_, tr), (_, va), (_, te) = parts; fr = pl.concat([tr, va])
@@ -531,6 +546,7 @@ def _tokens(data:dict)->tuple:
     L, m = data["hist_len"].double(), data["cand_valid"].sum(1).double()
     return int((L + m).sum()), int((L * (L + 1) / 2 + m * L + m * m).sum())
 
+# %% ../nbs/ranking/31_ligr.ipynb #f6654673
 def run_scaling(control:str, seed:int, sizes:list, layers=("ligr", "vanilla", "hstu"), context_lens=(),
                 n_members:int=2000, n_posts:int=2000, n_sessions:int=8000, n_hist:int=64, d:int=32, n_layers:int=2,
                 n_heads:int=2, epochs:int=6, lr:float=3e-3, batch_size:int=64)->pl.DataFrame:
@@ -581,6 +597,7 @@ def score_flops(model:LiGRRanker, n:int, m:int, setwise:bool=False)->float:
     pairs = n * (n + 1) / 2 + m * (n + (m if setwise else 1))
     return L * ((n + m) * 2.0 * per_layer + 4.0 * d * pairs)
 
+# %% ../nbs/ranking/31_ligr.ipynb #e2084d97
 def bench_request(cards:dict, n:int, m:int, seed:int=0)->dict:
     "One request: a full history of n items and m candidates in one set."
     b = toy_batch(cards, 1, n, m, seed=seed)

@@ -33,6 +33,7 @@ def _check_int(**kw):
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{k} must be a positive int, got {v!r}")
 
+# %% ../nbs/ranking/34_multislot.ipynb #02d8c57c
 def _check_slots(n_candidates, n_slots):
     "Validate N and K: positive ints with K <= N."
     _check_int(n_candidates=n_candidates, n_slots=n_slots)
@@ -62,6 +63,7 @@ def _draw(w:World, rng:np.random.Generator, n:int, N:int, pool:int=4, days:float
     s = 2.5 * w.affinity(np.repeat(m, P), cand.ravel(), th).reshape(n, P) + w.q[cand] + rng.gumbel(size=(n, P))
     return Requests(m, t, np.take_along_axis(cand, np.argsort(-s, 1, kind="stable")[:, :N], 1))
 
+# %% ../nbs/ranking/34_multislot.ipynb #95d6d365
 def draw_requests(w:World, n:int, n_candidates:int=40, seed:int=0, pool:int=4, days:float=1.0)->Requests:
     "`n` requests of `n_candidates` candidates, seeded by (world seed, 34, seed)."
     _check_int(n=n, n_candidates=n_candidates, pool=pool)
@@ -102,6 +104,7 @@ def _probs(w, cd, ridx, cidx, m, post, th, pos, rep_t, rep_a, task):
     p = w._feed_probs(m, post, th, pos, rep_t, rep_a, cd.aff[ridx, cidx])
     return p["p_" + task]
 
+# %% ../nbs/ranking/34_multislot.ipynb #5dad6386
 def slot_probs(w:World, req:Requests, cd:Candidates, slates, task:str="click")->np.ndarray:
     "Per-slot probability `(R, L)` of `task` for each request's list `slates` (candidate indices `(R, L)`)."
     S = np.asarray(slates); R, L = S.shape; r = np.repeat(np.arange(R), L); c = S.ravel()
@@ -245,6 +248,7 @@ def _pb_prefix(p, K):
         f = out[:, i]; g = f * (1 - p[:, i:i + 1]); g[:, 1:] += f[:, :-1] * p[:, i:i + 1]; out[:, i + 1] = g
     return out
 
+# %% ../nbs/ranking/34_multislot.ipynb #34c4595f
 def _marginals_one(s, K, h=0.2):
     "Exact-to-quadrature PL slot marginals `(N, K)` of log-weights `s` `(N,)`."
     lam = np.exp(s - s.max()); N = len(s)
@@ -271,6 +275,7 @@ def log_slates(log_score, n_slots:int, rng:np.random.Generator)->tuple:
     S = np.argsort(-(s + rng.gumbel(size=s.shape)), 1)[:, :n_slots]
     return S, pl_conditional(s, S)
 
+# %% ../nbs/ranking/34_multislot.ipynb #15d12868
 def pl_conditional(log_score, slates)->np.ndarray:
     "`μ(a_k | a_<k)` `(R, K)` of lists `slates` under PL log-weights `(R, N)`."
     s = np.asarray(log_score, float); S = np.asarray(slates); r = np.arange(len(S))[:, None]
@@ -281,11 +286,13 @@ def pl_conditional(log_score, slates)->np.ndarray:
 # %% ../nbs/ranking/34_multislot.ipynb #2dd8a51b
 REPLAY_MODES = ("slot", "prefix")
 
+# %% ../nbs/ranking/34_multislot.ipynb #66e37115
 @dataclass
 class Replay:
     "A replay estimate: value, its standard error and the matched logs per slot."
     value:float; se:float; matches:np.ndarray
 
+# %% ../nbs/ranking/34_multislot.ipynb #d901331c
 def _check_replay(logged, rewards, propensities, target, mode):
     "Validated float/int arrays of one shape `(T, K)`."
     if mode not in REPLAY_MODES: raise ValueError(f"mode must be one of {REPLAY_MODES}, got {mode!r}")
@@ -325,6 +332,7 @@ def pareto_front(points)->np.ndarray:
         if dom.any(): keep[i] = False
     return keep
 
+# %% ../nbs/ranking/34_multislot.ipynb #3facb326
 def hypervolume(points, ref)->float:
     "Volume dominated by `points` `(n, d)` above the reference point `ref` `(d,)` (maximise every column)."
     P, r = np.asarray(points, float), np.asarray(ref, float)
@@ -339,6 +347,7 @@ def hypervolume(points, ref)->float:
 SECOND_PASS_TASKS = ("click", "like", "share", "dismiss", "long_dwell")
 MODEL_OBJECTIVES = ("click", "like", "long_dwell")
 
+# %% ../nbs/ranking/34_multislot.ipynb #c3e06fbf
 def second_pass(w:World, n_impressions:int=20_000, stream:int=11, seed:int=0)->list:
     "Per-task point-wise GBDTs on ITEM_FEATURES of `n_impressions` feed impressions of another stream."
     from lipapers.baselines import fit_gbdt
@@ -346,6 +355,7 @@ def second_pass(w:World, n_impressions:int=20_000, stream:int=11, seed:int=0)->l
     X = X[:, [names.index(f) for f in ITEM_FEATURES]]
     return [fit_gbdt(X, im[t].to_numpy(), seed=seed, max_iter=100) for t in SECOND_PASS_TASKS]
 
+# %% ../nbs/ranking/34_multislot.ipynb #a6e22e69
 def second_pass_scores(models:list, cd:Candidates)->np.ndarray:
     "Second-pass logits `(R, N, len(SECOND_PASS_TASKS))` of every candidate."
     X = cd.X.reshape(-1, cd.X.shape[-1]); R, N = cd.topic.shape
@@ -377,6 +387,7 @@ def fit_mlp(X, Y, seed:int=0, epochs:int=8, batch_size:int=256, lr:float=3e-3, h
             opt.zero_grad(); loss.backward(); opt.step()
     return m.eval()
 
+# %% ../nbs/ranking/34_multislot.ipynb #599980d0
 def predict_mlp(m:MultiSlotModel, X)->np.ndarray:
     "Probabilities `(n, O)`."
     with torch.no_grad(): return torch.sigmoid(m(torch.as_tensor(np.asarray(X, np.float32)))).numpy()
@@ -408,6 +419,7 @@ def take_cd(cd:Candidates, idx)->Candidates:
     "Rows `idx` of a Candidates batch."
     return Candidates(*(getattr(cd, f)[idx] for f in Candidates.__dataclass_fields__))
 
+# %% ../nbs/ranking/34_multislot.ipynb #7b627305
 @dataclass
 class Logs:
     "Logged lists of a batch of requests with contexts, scores, true probabilities and drawn labels."
@@ -423,6 +435,7 @@ def log_requests(w:World, req:Requests, sp:list, K:int, seed:int)->Logs:
     p = {t: slot_probs(w, req, cd, S, t) for t in MODEL_OBJECTIVES}
     return Logs(req, cd, Z, S, prop, np.stack(C, 1), p, {t: rng.random(v.shape) < v for t, v in p.items()})
 
+# %% ../nbs/ranking/34_multislot.ipynb #7cf199cf
 def rows(lg:Logs, fset:str)->np.ndarray:
     "Model inputs `(R·K, F)` of the logged slots."
     r = np.arange(len(lg.S))[:, None]; d = design(lg.cd.X[r, lg.S], lg.Z[r, lg.S], lg.C, fset)
@@ -433,6 +446,7 @@ AUC_ARMS = {"logistic_regression": ("lr", "pointwise"), "gbdt": ("gbdt", "pointw
             "gbdt_slot": ("gbdt", "slot"), "mlp_slot": ("mlp", "slot"), "multislot_mlp_noscores": ("mlp", "context"),
             "multislot_gbdt": ("gbdt", "multislot"), "multislot_mlp": ("mlp", "multislot")}
 
+# %% ../nbs/ranking/34_multislot.ipynb #3d344f50
 def fit_arms(tr:Logs, seed:int, epochs:int=8)->dict:
     "Every model arm of Table 1 fitted on the training logs: name -> (kind, model, feature set)."
     from lipapers.baselines import fit_logistic, fit_gbdt
@@ -444,6 +458,7 @@ def fit_arms(tr:Logs, seed:int, epochs:int=8)->dict:
         out[arm] = (kind, m, fs)
     return out
 
+# %% ../nbs/ranking/34_multislot.ipynb #3335460e
 def predict_arm(arm:tuple, X)->np.ndarray:
     "Click probability of a fitted arm."
     kind, m, _ = arm
@@ -463,6 +478,7 @@ def auc_table(tr:Logs, te:Logs, arms:dict)->pl.DataFrame:
 def _extras(ctx:SlotContext, cd:Candidates, w_div:float, w_fresh:float):
     return w_div * (ctx.same_topic == 0) + w_fresh * np.exp(-cd.age_h / 24)
 
+# %% ../nbs/ranking/34_multislot.ipynb #41a7c984
 def model_score_fn(arm:tuple, cd:Candidates, Z, weights:dict|None=None, w_div:float=0.0, w_fresh:float=0.0):
     "SGA score function `(k, ctx) -> (R, N)` of a fitted MLP arm: Σ_o w_o f_o + w_div·Δtopics + w_fresh·freshness."
     wts = weights or {"click": 1.0}
@@ -473,6 +489,7 @@ def model_score_fn(arm:tuple, cd:Candidates, Z, weights:dict|None=None, w_div:fl
         return (predict_mlp(m, X.reshape(-1, X.shape[-1])) @ wv).reshape(ctx.R, ctx.N) + _extras(ctx, cd, w_div, w_fresh)
     return f
 
+# %% ../nbs/ranking/34_multislot.ipynb #f2b5adf0
 def oracle_score_fn(w:World, req:Requests, cd:Candidates, w_div:float=0.0, w_fresh:float=0.0):
     "SGA score function from the world's true click increment."
     return lambda k, ctx: increment_probs(w, req, cd, ctx) + _extras(ctx, cd, w_div, w_fresh)
@@ -480,6 +497,7 @@ def oracle_score_fn(w:World, req:Requests, cd:Candidates, w_div:float=0.0, w_fre
 # %% ../nbs/ranking/34_multislot.ipynb #833c569a
 def cos_sim(cd:Candidates)->np.ndarray: return np.einsum("rnd,rmd->rnm", cd.emb, cd.emb)
 
+# %% ../nbs/ranking/34_multislot.ipynb #d6ea8310
 def policies(w:World, req:Requests, cd:Candidates, Z, arm:tuple, K:int, rng)->dict:
     "Lists `(R, K)` of every Table 2 policy."
     sga_ = lambda fn: sga_batch(fn, SlotContext.of(cd), K)
@@ -510,12 +528,14 @@ def gap_table(w:World, sp:list, arm, n:int, seed:int, N:int=8, K:int=4)->pl.Data
 # %% ../nbs/ranking/34_multislot.ipynb #809a3b15
 REPLAY_TARGETS = ("greedy_pointwise", "greedy_oracle", "mmr", "sga", "sga_oracle")
 
+# %% ../nbs/ranking/34_multislot.ipynb #208622d5
 def replay_logs(w:World, lg:Logs, M, K:int, T:int, rng)->dict:
     "One stream of T logs from the pool `lg`: request index, logged list, conditional and slot-marginal propensities, clicks."
     idx = rng.integers(0, len(lg.req), T); S, cond = log_slates(lg.cd.log_score[idx], K, rng)
     y = rng.random(S.shape) < slot_probs(w, lg.req.take(idx), take_cd(lg.cd, idx), S)
     return dict(idx=idx, S=S, cond=cond, marg=M[idx[:, None], S, np.arange(K)], y=y)
 
+# %% ../nbs/ranking/34_multislot.ipynb #7cda093f
 def estimate(L:dict, targets, T:int, mode:str, sn:bool)->Replay:
     "Replay of target lists `(pool, K)` on the first T logs of a stream."
     return replay_value(L["S"][:T], L["y"][:T], (L["marg"] if mode == "slot" else L["cond"])[:T],
@@ -535,6 +555,7 @@ def replay_table(w:World, lg:Logs, pol:dict, Ts:list, streams:int, seed:int, K:i
                             rel_err=100 * (e.value - truth[t]) / truth[t], matches=e.matches.tolist()))
     return pl.DataFrame(out), logs, M
 
+# %% ../nbs/ranking/34_multislot.ipynb #14fd3f1e
 def replay_summary(df:pl.DataFrame)->pl.DataFrame:
     "Bias ± SE, sd and RMSE of the relative error over streams."
     return (df.group_by("T", "target", "mode", "sn", maintain_order=True)
@@ -566,6 +587,7 @@ def pareto_table(w:World, lg:Logs, arm, L:dict, K:int, seed:int)->pl.DataFrame:
                           clicks_prefix_sn=estimate(L, S, T, "prefix", True).value))
     return pl.DataFrame(rows_)
 
+# %% ../nbs/ranking/34_multislot.ipynb #e033042b
 def frontier_stats(pt:pl.DataFrame, col:str="clicks")->dict:
     "Hypervolume of each family's (col, diversity) points."
     return {f: hypervolume(g.select(col, "diversity").to_numpy(), [0, 0]) for (f,), g in pt.group_by("family")}
@@ -574,9 +596,11 @@ def frontier_stats(pt:pl.DataFrame, col:str="clicks")->dict:
 REWARDS = ("expected", "sampled")
 OBS_DIM = len(ITEM_FEATURES) + len(CONTEXT_FEATURES) + 1
 
+# %% ../nbs/ranking/34_multislot.ipynb #2545bcbc
 def _obs(cd:Candidates, ctx:SlotContext)->np.ndarray:
     return np.concatenate([cd.X, ctx.features(), ctx.placed[..., None]], -1).astype(np.float32)
 
+# %% ../nbs/ranking/34_multislot.ipynb #fd242549
 def _check_env_args(n_candidates, n_slots, reward):
     _check_slots(n_candidates, n_slots)
     if reward not in REWARDS: raise ValueError(f"reward must be one of {REWARDS}, got {reward!r}")
@@ -600,6 +624,7 @@ def _env_reset(self:SlateEnv, seed=None, options=None):
     return _obs(self.cd, self.ctx)[0], self._info()
 SlateEnv.reset = _env_reset
 
+# %% ../nbs/ranking/34_multislot.ipynb #7f89915e
 def _env_step(self:SlateEnv, action):
     a = np.asarray([action]).astype(np.int64).reshape(1)
     p = float(increment_probs(self.w, self.req, self.cd, self.ctx)[0, self.ctx._check_action(a)[0]])
@@ -630,8 +655,10 @@ def _vec_new(self:SlateVectorEnv):
     self.req = Requests(*(np.concatenate([getattr(q, f) for q in reqs]) for f in ("member", "t", "items")))
     self.cd = candidates(self.w, self.req); self.ctx = SlotContext.of(self.cd); self._autoreset = False
 
+# %% ../nbs/ranking/34_multislot.ipynb #e213afce
 def _vec_info(self): return {"action_mask": (~self.ctx.placed).astype(np.int8), "_action_mask": np.ones(self.num_envs, bool)}
 
+# %% ../nbs/ranking/34_multislot.ipynb #b912ce93
 def _vec_reset(self:SlateVectorEnv, seed=None, options=None):
     if seed is not None:
         seeds = [seed + i for i in range(self.num_envs)] if isinstance(seed, (int, np.integer)) else list(seed)
@@ -710,6 +737,7 @@ def take_logs(lg:Logs, idx)->Logs:
     return Logs(lg.req.take(idx), take_cd(lg.cd, idx), lg.Z[idx], lg.S[idx], lg.prop[idx], lg.C[idx],
                 {k: v[idx] for k, v in lg.p.items()}, {k: v[idx] for k, v in lg.y.items()})
 
+# %% ../nbs/ranking/34_multislot.ipynb #68d5c577
 def log_frame(rec, df:pl.DataFrame, metrics, **keys):
     "Log every `metrics` column of a frame with a `method` column (other columns become keys)."
     ks = [c for c in df.columns if c not in metrics and c != "method"]
