@@ -10,14 +10,16 @@ from typing import NamedTuple, Callable
 import numpy as np
 import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
+from .core import batches
 from .lm import LM, encode_pairs, generate, sequence_logprobs
 
 # %% auto #0
 __all__ = ['LOSSES', 'SPLITS', 'bt_loss', 'bsr_loss', 'centering_loss', 'margin_bt_loss', 'MLPEncoder', 'RewardOutput',
            'RewardModel', 'norm_dispersion', 'RMConfig', 'rm_loss', 'PairSet', 'ScoredSet', 'score',
-           'grouped_kendall_tau', 'pairwise_accuracy', 'best_of_n_curve', 'train_reward_model', 'evaluate_rm',
-           'SyntheticWorld', 'synthetic_world', 'gold_of', 'SyntheticPrefs', 'synthetic_prefs', 'Arm', 'run_arms',
-           'result_rows', 'same_tokenizer', 'lm_inputs', 'rm_reward_fn', 'lm_prefs', 'rloo_advantages', 'train_rloo']
+           'grouped_kendall_tau', 'pairwise_accuracy', 'best_of_n_curve', 'rm_optimizer', 'track', 'train_reward_model',
+           'evaluate_rm', 'SyntheticWorld', 'synthetic_world', 'gold_of', 'SyntheticPrefs', 'synthetic_prefs', 'Arm',
+           'run_arms', 'result_rows', 'same_tokenizer', 'lm_inputs', 'rm_reward_fn', 'lm_prefs', 'rloo_advantages',
+           'train_rloo']
 
 # %% ../nbs/alignment/21_bsr.ipynb #3320734a
 def _check_rewards(r_chosen:Tensor, r_rejected:Tensor):
@@ -249,6 +251,31 @@ def best_of_n_curve(proxy, gold, groups, # (M,) proxy scores, gold rewards, prom
             out[j] += (p * gm).sum()
     return out / len(idx)
 
+# %% ../nbs/alignment/21_bsr.ipynb #e90293a2
+def rm_optimizer(rm:RewardModel, cfg:RMConfig)->torch.optim.Optimizer:
+    "AdamW with `cfg.weight_decay` on the trainable backbone parameters and none on the head."
+    bb = [p for p in rm.backbone.parameters() if p.requires_grad]
+    return torch.optim.AdamW([dict(params=bb, weight_decay=cfg.weight_decay),
+                              dict(params=list(rm.head.parameters()), weight_decay=0.0)], lr=cfg.lr)
+
+# %% ../nbs/alignment/21_bsr.ipynb #065a51a2
+def _step_row(step:int, loss:Tensor, oc:RewardOutput, orj:RewardOutput)->dict:
+    "History row of one step: loss, batch accuracy, ‖h‖ dispersion and max |r| over the batch's 2B responses."
+    r = torch.cat([oc.reward, orj.reward]).detach()
+    return dict(step=step, loss=loss.item(), accuracy=(oc.reward > orj.reward).float().mean().item(),
+                norm_dispersion=norm_dispersion(torch.cat([oc.hidden, orj.hidden])),
+                max_abs_reward=r.abs().max().item())
+
+# %% ../nbs/alignment/21_bsr.ipynb #697d559a
+def track(rm:RewardModel, eval_sets:dict)->dict:
+    "‖h‖ dispersion and max |r| of `rm` (put in eval mode) on each set: `{name}_dispersion`, `{name}_max_abs_reward`."
+    rm.eval(); row = {}
+    for name, s in eval_sets.items():
+        o = score(rm, s.inputs)
+        row[f"{name}_dispersion"] = norm_dispersion(o.hidden)
+        row[f"{name}_max_abs_reward"] = o.reward.abs().max().item()
+    return row
+
 # %% ../nbs/alignment/21_bsr.ipynb #920a2217
 def train_reward_model(rm:RewardModel, pairs:PairSet, cfg:RMConfig,
                        seed:int=0, # batch order
@@ -256,26 +283,14 @@ def train_reward_model(rm:RewardModel, pairs:PairSet, cfg:RMConfig,
                        eval_every:int=0, # steps between evaluations of `eval_sets` (0: at the end only)
                       )->list[dict]:
     "Train `rm` in place with Adam (no weight decay on the head); one history row per step."
-    from lipapers.core import batches
     if pairs.n < 1: raise ValueError("no training pairs")
-    bb = [p for p in rm.backbone.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([dict(params=bb, weight_decay=cfg.weight_decay), dict(params=list(rm.head.parameters()),
-                                                                                  weight_decay=0.0)], lr=cfg.lr)
-    n_steps, hist = cfg.epochs * math.ceil(pairs.n / cfg.batch_size), []
+    opt, n_steps, hist = rm_optimizer(rm, cfg), cfg.epochs * math.ceil(pairs.n / cfg.batch_size), []
     for step, idx in enumerate(batches(pairs.n, cfg.batch_size, seed, cfg.epochs)):
         rm.train(); oc, orj = rm(**_take(pairs.chosen, idx)), rm(**_take(pairs.rejected, idx))
         loss = rm_loss(cfg, oc.reward, orj.reward)
         opt.zero_grad(); loss.backward(); opt.step()
-        r = torch.cat([oc.reward, orj.reward]).detach()
-        row = dict(step=step, loss=loss.item(), accuracy=(oc.reward > orj.reward).float().mean().item(),
-                   norm_dispersion=norm_dispersion(torch.cat([oc.hidden,
-                                                              orj.hidden])), max_abs_reward=r.abs().max().item())
-        if eval_sets and ((eval_every and step % eval_every == 0) or step == n_steps - 1):
-            rm.eval()
-            for name, s in eval_sets.items():
-                o = score(rm, s.inputs)
-                row[f"{name}_dispersion"] = norm_dispersion(o.hidden)
-                row[f"{name}_max_abs_reward"] = o.reward.abs().max().item()
+        row = _step_row(step, loss, oc, orj)
+        if eval_sets and ((eval_every and step % eval_every == 0) or step == n_steps - 1): row |= track(rm, eval_sets)
         hist.append(row)
     rm.eval()
     return hist
@@ -319,6 +334,7 @@ def gold_of(w:SyntheticWorld, psi:Tensor)->Tensor:
 SPLITS = {"val1": ((0, 1), (0, 1, 2, 3)), "val2": ((2, 3), (0, 1, 2, 3)),  # (prompt clusters, generators)
           "val3": ((0, 1), (4, 5)), "val4": ((2, 3), (4, 5))}  # val2 prompt-, val3 response-, val4 mutual-OOD
 
+# %% ../nbs/alignment/21_bsr.ipynb #455e0bee
 class SyntheticPrefs(NamedTuple):
     train:PairSet # BT-labelled pairs: clusters {0,1}, generators {0..3}
     val:dict # val1..val4 -> ScoredSet (k responses per prompt)

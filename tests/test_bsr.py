@@ -13,7 +13,8 @@ from scipy.stats import kendalltau
 
 from lipapers.bsr import (Arm, MLPEncoder, PairSet, RMConfig, RewardModel, best_of_n_curve, bsr_loss, bt_loss,
                           centering_loss, grouped_kendall_tau, margin_bt_loss, norm_dispersion, pairwise_accuracy,
-                          rloo_advantages, rm_reward_fn, run_arms, score, synthetic_prefs, train_reward_model, _lm_hidden)
+                          rloo_advantages, rm_reward_fn, run_arms, score, synthetic_prefs, train_reward_model, _lm_hidden,
+                          rm_optimizer, track)
 from lipapers.lm import LM, LMConfig
 
 DTYPES = [(torch.float32, {}), (torch.float64, {})]
@@ -199,3 +200,16 @@ def test_rm_and_policy_tokenizers_must_match():
     rm = RewardModel(_tiny_lm())
     with pytest.raises(ValueError, match="different tokenizers"): rm_reward_fn(rm, _Tok({"a": 1}), _Tok({"b": 1}))
     rm_reward_fn(rm, _Tok({"a": 1}), _Tok({"a": 1}))
+
+
+def test_optimizer_decays_the_backbone_only_and_tracking_matches_a_direct_score():
+    d = synthetic_prefs(64, 0, n_val=8, n_bon=4, bon_pool=4)
+    torch.manual_seed(0); rm = RewardModel(MLPEncoder(32))
+    groups = rm_optimizer(rm, RMConfig("bt", weight_decay=0.1)).param_groups
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0] and groups[1]["params"][0] is rm.head.weight
+    hist = train_reward_model(rm, d.train, RMConfig("bsr", epochs=2, batch_size=16), seed=0, eval_sets=d.val,
+                              eval_every=3)
+    assert [h["step"] for h in hist if "val4_dispersion" in h] == [0, 3, 6, 7]     # every 3 steps and the last
+    o, row = score(rm, d.val["val4"].inputs), track(rm, {"val4": d.val["val4"]})
+    assert row["val4_dispersion"] == hist[-1]["val4_dispersion"] == norm_dispersion(o.hidden)
+    assert row["val4_max_abs_reward"] == o.reward.abs().max().item()
