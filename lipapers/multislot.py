@@ -16,15 +16,15 @@ from .world import World, START_EPOCH, FEED_FEATURES, _cumcount
 # %% auto #0
 __all__ = ['ITEM_FEATURES', 'CONTEXT_FEATURES', 'OBJECTIVES', 'REPLAY_MODES', 'SECOND_PASS_TASKS', 'MODEL_OBJECTIVES',
            'FEATURE_SETS', 'CONTROLS', 'AUC_ARMS', 'REPLAY_TARGETS', 'SGA_GRID', 'MMR_GRID', 'FRESH_GRID', 'REWARDS',
-           'OBS_DIM', 'VEC_MODES', 'Requests', 'draw_requests', 'Candidates', 'candidates', 'slot_probs', 'SlotContext',
-           'place', 'features', 'increment_probs', 'list_objectives', 'sga', 'sga_batch', 'greedy_pointwise', 'mmr',
-           'exhaustive_slate', 'pl_slot_marginals', 'log_slates', 'pl_conditional', 'Replay', 'replay_value',
-           'pareto_front', 'hypervolume', 'second_pass', 'second_pass_scores', 'MultiSlotModel', 'fit_mlp',
-           'predict_mlp', 'design', 'make_world', 'take_cd', 'Logs', 'log_requests', 'rows', 'fit_arms', 'predict_arm',
-           'auc_table', 'model_score_fn', 'oracle_score_fn', 'cos_sim', 'policies', 'simulator_table', 'gap_table',
-           'replay_logs', 'estimate', 'replay_table', 'replay_summary', 'pareto_settings', 'pareto_table',
+           'OBS_DIM', 'VEC_MODES', 'SPEED_GRID', 'Requests', 'draw_requests', 'Candidates', 'candidates', 'slot_probs',
+           'SlotContext', 'place', 'features', 'increment_probs', 'list_objectives', 'sga', 'sga_batch',
+           'greedy_pointwise', 'mmr', 'exhaustive_slate', 'pl_slot_marginals', 'log_slates', 'pl_conditional', 'Replay',
+           'replay_value', 'pareto_front', 'hypervolume', 'second_pass', 'second_pass_scores', 'MultiSlotModel',
+           'fit_mlp', 'predict_mlp', 'design', 'make_world', 'take_cd', 'Logs', 'log_requests', 'rows', 'fit_arms',
+           'predict_arm', 'auc_table', 'model_score_fn', 'oracle_score_fn', 'cos_sim', 'policies', 'simulator_table',
+           'gap_table', 'replay_logs', 'estimate', 'replay_table', 'replay_summary', 'pareto_settings', 'pareto_table',
            'frontier_stats', 'SlateEnv', 'SlateVectorEnv', 'make_vec_env', 'rollout', 'single_score_fn', 'sga_speed',
-           'env_speed', 'take_logs', 'log_frame']
+           'env_speed', 'speed_rows', 'take_logs', 'log_frame', 'kendall']
 
 # %% ../nbs/ranking/34_multislot.ipynb #5f9465b7
 def _check_int(**kw):
@@ -215,7 +215,8 @@ def mmr(relevance, sim, n_slots:int, lam:float=0.7)->np.ndarray:
     "Maximal marginal relevance lists from `relevance` `(N,)`/`(R, N)` and `sim` `(N, N)`/`(R, N, N)`."
     rel, S = np.atleast_2d(np.asarray(relevance, float)), np.asarray(sim, float)
     S = S[None] if S.ndim == 2 else S
-    if S.shape != rel.shape + rel.shape[-1:]: raise ValueError(f"sim must be {rel.shape + rel.shape[-1:]}, got {S.shape}")
+    want = rel.shape + rel.shape[-1:]
+    if S.shape != want: raise ValueError(f"sim must be {want}, got {S.shape}")
     if not 0 <= lam <= 1: raise ValueError(f"lam must be in [0, 1], got {lam}")
     R, N = rel.shape; _check_slots(N, n_slots); r = np.arange(R)
     placed, mx, out = np.zeros((R, N), bool), np.zeros((R, N)), []
@@ -263,7 +264,7 @@ def _marginals_one(s, K, h=0.2):
 
 # %% ../nbs/ranking/34_multislot.ipynb #d7c6e50a
 def pl_slot_marginals(scores, n_slots:int)->np.ndarray:
-    "`P[..., c, k]` = probability that a Plackett–Luce draw with log-weights `scores` `(N,)`/`(R, N)` puts c at slot k+1."
+    "`P[..., c, k]`: probability that a Plackett–Luce draw with log-weights `scores` puts c at slot k+1."
     s = np.atleast_2d(np.asarray(scores, float)); _check_slots(s.shape[-1], n_slots)
     out = np.stack([_marginals_one(r, n_slots) for r in s])
     return out[0] if np.ndim(scores) == 1 else out
@@ -336,7 +337,8 @@ def pareto_front(points)->np.ndarray:
 def hypervolume(points, ref)->float:
     "Volume dominated by `points` `(n, d)` above the reference point `ref` `(d,)` (maximise every column)."
     P, r = np.asarray(points, float), np.asarray(ref, float)
-    if P.ndim != 2 or r.shape != P.shape[1:]: raise ValueError(f"points (n, d) and ref (d,) must agree, got {P.shape}, {r.shape}")
+    if P.ndim != 2 or r.shape != P.shape[1:]:
+        raise ValueError(f"points (n, d) and ref (d,) must agree, got {P.shape}, {r.shape}")
     P = P[(P > r).all(1)]
     if len(P) == 0: return 0.0
     if P.shape[1] == 1: return float(P.max() - r[0])
@@ -482,11 +484,13 @@ def _extras(ctx:SlotContext, cd:Candidates, w_div:float, w_fresh:float):
 def model_score_fn(arm:tuple, cd:Candidates, Z, weights:dict|None=None, w_div:float=0.0, w_fresh:float=0.0):
     "SGA score function `(k, ctx) -> (R, N)` of a fitted MLP arm: Σ_o w_o f_o + w_div·Δtopics + w_fresh·freshness."
     wts = weights or {"click": 1.0}
-    if set(wts) - set(MODEL_OBJECTIVES): raise ValueError(f"weights must name objectives in {MODEL_OBJECTIVES}, got {sorted(wts)}")
+    if set(wts) - set(MODEL_OBJECTIVES):
+        raise ValueError(f"weights must name objectives in {MODEL_OBJECTIVES}, got {sorted(wts)}")
     wv = np.array([wts.get(o, 0.0) for o in MODEL_OBJECTIVES]); _, m, fs = arm
     def f(k, ctx):
         X = design(cd.X, Z, ctx.features(), fs)
-        return (predict_mlp(m, X.reshape(-1, X.shape[-1])) @ wv).reshape(ctx.R, ctx.N) + _extras(ctx, cd, w_div, w_fresh)
+        p = predict_mlp(m, X.reshape(-1, X.shape[-1])) @ wv
+        return p.reshape(ctx.R, ctx.N) + _extras(ctx, cd, w_div, w_fresh)
     return f
 
 # %% ../nbs/ranking/34_multislot.ipynb #f2b5adf0
@@ -522,15 +526,15 @@ def gap_table(w:World, sp:list, arm, n:int, seed:int, N:int=8, K:int=4)->pl.Data
     opt = np.array([exhaustive_slate(lambda B: slot_probs(w, req.take(np.full(len(B), i)),
                                                           take_cd(cd, np.full(len(B), i)), B).sum(1), N, K)[1]
                     for i in range(n)])
-    return pl.DataFrame([{"method": k, "gap_pct": float((100 * (opt - list_objectives(w, req, cd, S)["clicks"]) / opt).mean())}
-                         for k, S in pol.items() if k != "sga_div_fresh"])
+    gap = lambda S: float((100 * (opt - list_objectives(w, req, cd, S)["clicks"]) / opt).mean())
+    return pl.DataFrame([{"method": k, "gap_pct": gap(S)} for k, S in pol.items() if k != "sga_div_fresh"])
 
 # %% ../nbs/ranking/34_multislot.ipynb #809a3b15
 REPLAY_TARGETS = ("greedy_pointwise", "greedy_oracle", "mmr", "sga", "sga_oracle")
 
 # %% ../nbs/ranking/34_multislot.ipynb #208622d5
 def replay_logs(w:World, lg:Logs, M, K:int, T:int, rng)->dict:
-    "One stream of T logs from the pool `lg`: request index, logged list, conditional and slot-marginal propensities, clicks."
+    "One stream of T logs from `lg`: request index, logged list, conditional and slot-marginal propensities, clicks."
     idx = rng.integers(0, len(lg.req), T); S, cond = log_slates(lg.cd.log_score[idx], K, rng)
     y = rng.random(S.shape) < slot_probs(w, lg.req.take(idx), take_cd(lg.cd, idx), S)
     return dict(idx=idx, S=S, cond=cond, marg=M[idx[:, None], S, np.arange(K)], y=y)
@@ -570,7 +574,9 @@ FRESH_GRID = (0.0, 0.05, 0.1, 0.2, 0.5)
 def pareto_settings(lg:Logs, arm, K:int, rng)->dict:
     "(family, setting) -> lists `(pool, K)` for every Pareto setting."
     cd, Z = lg.cd, lg.Z; p = 1 / (1 + np.exp(-Z[..., 0])); out = {}
-    for d, f in SGA_GRID: out[("sga_grid", f"div={d},fresh={f}")] = sga_batch(model_score_fn(arm, cd, Z, w_div=d, w_fresh=f), SlotContext.of(cd), K)
+    for d, f in SGA_GRID:
+        out[("sga_grid", f"div={d},fresh={f}")] = sga_batch(model_score_fn(arm, cd, Z, w_div=d, w_fresh=f),
+                                                            SlotContext.of(cd), K)
     for l in MMR_GRID: out[("mmr_grid", f"lam={l}")] = mmr(p, cos_sim(cd), K, l)
     for f in FRESH_GRID: out[("greedy_fresh_grid", f"fresh={f}")] = greedy_pointwise(p + f * np.exp(-cd.age_h / 24), K)
     out[("logging", "logging")] = log_slates(cd.log_score, K, rng)[0]
@@ -656,7 +662,8 @@ def _vec_new(self:SlateVectorEnv):
     self.cd = candidates(self.w, self.req); self.ctx = SlotContext.of(self.cd); self._autoreset = False
 
 # %% ../nbs/ranking/34_multislot.ipynb #e213afce
-def _vec_info(self): return {"action_mask": (~self.ctx.placed).astype(np.int8), "_action_mask": np.ones(self.num_envs, bool)}
+def _vec_info(self):
+    return {"action_mask": (~self.ctx.placed).astype(np.int8), "_action_mask": np.ones(self.num_envs, bool)}
 
 # %% ../nbs/ranking/34_multislot.ipynb #b912ce93
 def _vec_reset(self:SlateVectorEnv, seed=None, options=None):
@@ -687,7 +694,7 @@ def make_vec_env(world:World, num_envs:int, mode:str="native", **kw)->VectorEnv:
     _check_int(num_envs=num_envs)
     if mode == "native": return SlateVectorEnv(world, num_envs, **kw)
     fns = [partial(SlateEnv, world, **kw) for _ in range(num_envs)]
-    return gym.vector.SyncVectorEnv(fns) if mode == "sync" else gym.vector.AsyncVectorEnv(fns, context="fork")
+    return gym.vector.SyncVectorEnv(fns) if mode == "sync" else gym.vector.AsyncVectorEnv(fns, context="forkserver")
 
 # %% ../nbs/ranking/34_multislot.ipynb #1affcded
 def rollout(env, n_steps:int, seed:int=0)->tuple:
@@ -709,14 +716,19 @@ def single_score_fn(arm:tuple, cd:Candidates, Z, counter:list|None=None):
     return score
 
 # %% ../nbs/ranking/34_multislot.ipynb #4a7e6c12
-def sga_speed(w:World, sp:list, arm, repeats:int=7, grid=((50, 10), (400, 10), (400, 5), (400, 20)), seed:int=0)->pl.DataFrame:
-    "Seconds per SGA list at each (N, K), interleaved over repeats, with the scored-row count."
+SPEED_GRID = ((50, 10), (400, 10), (400, 5), (400, 20))
+
+def sga_speed(w:World, sp:list, arm, repeats:int=7, grid=SPEED_GRID, seed:int=0, inner:int=5)->pl.DataFrame:
+    "Seconds per SGA list at each (N, K): per repeat the fastest of `inner` lists; (N, K) interleaved; scored rows."
     reqs = {N: draw_requests(w, 1, N, seed=2000 + seed) for N in {n for n, _ in grid}}
     cds = {N: candidates(w, q) for N, q in reqs.items()}; Zs = {N: second_pass_scores(sp, c) for N, c in cds.items()}
     out = []
     for r, (N, K) in itertools.product(range(repeats), grid):
-        cnt = []; t0 = time.perf_counter(); sga(single_score_fn(arm, cds[N], Zs[N], cnt), N, K)
-        out.append(dict(repeat=r, N=N, K=K, seconds=time.perf_counter() - t0, rows=sum(cnt)))
+        ts = []
+        for _ in range(inner):
+            cnt = []; t0 = time.perf_counter(); sga(single_score_fn(arm, cds[N], Zs[N], cnt), N, K)
+            ts.append(time.perf_counter() - t0)
+        out.append(dict(repeat=r, N=N, K=K, seconds=min(ts), rows=sum(cnt)))
     return pl.DataFrame(out)
 
 # %% ../nbs/ranking/34_multislot.ipynb #aff5bb7d
@@ -731,6 +743,22 @@ def env_speed(w:World, num_envs:int=256, modes=("native", "sync"), n_episodes:in
         out.append(dict(repeat=r, mode=mode, num_envs=B, steps_per_s=B * n_episodes * (K + 1) / dt))
     return pl.DataFrame(out)
 
+# %% ../nbs/ranking/34_multislot.ipynb #bcaf4c08
+def speed_rows(ss:pl.DataFrame, es:pl.DataFrame)->list:
+    "Long rows of the speed tables: seconds, paired time ratios, the exact row count, steps/s and native/sync."
+    sec = lambda N, K: ss.filter((pl.col("N") == N) & (pl.col("K") == K)).sort("repeat")["seconds"].to_numpy()
+    sps = lambda m: es.filter(pl.col("mode") == m).sort("repeat")["steps_per_s"].to_numpy()
+    rows = [dict(method="sga", metric="seconds", value=r["seconds"], repeat=r["repeat"], N=r["N"], K=r["K"])
+            for r in ss.iter_rows(named=True)]
+    for name, v in (("time_ratio_N", sec(400, 10) / sec(50, 10)), ("time_ratio_K", sec(400, 20) / sec(400, 5))):
+        rows += [dict(method="sga", metric=name, value=float(x), repeat=i) for i, x in enumerate(v)]
+    exact = all(r["rows"] == r["K"] * r["N"] - r["K"] * (r["K"] - 1) // 2 for r in ss.iter_rows(named=True))
+    rows += [dict(method="sga", metric="rows_exact", value=float(exact))]
+    rows += [dict(method=r["mode"], metric="steps_per_s", value=r["steps_per_s"], repeat=r["repeat"],
+                  num_envs=r["num_envs"]) for r in es.iter_rows(named=True)]
+    return rows + [dict(method="native", metric="native_over_sync", value=float(x), repeat=i)
+                   for i, x in enumerate(sps("native") / sps("sync"))]
+
 # %% ../nbs/ranking/34_multislot.ipynb #7c3c90e0
 def take_logs(lg:Logs, idx)->Logs:
     "Rows `idx` of a Logs batch."
@@ -742,4 +770,11 @@ def log_frame(rec, df:pl.DataFrame, metrics, **keys):
     "Log every `metrics` column of a frame with a `method` column (other columns become keys)."
     ks = [c for c in df.columns if c not in metrics and c != "method"]
     for row in df.iter_rows(named=True):
-        for m in metrics: rec.log(method=row["method"], metric=m, value=float(row[m]), **{k: row[k] for k in ks}, **keys)
+        for m in metrics:
+            rec.log(method=row["method"], metric=m, value=float(row[m]), **{k: row[k] for k in ks}, **keys)
+
+# %% ../nbs/ranking/34_multislot.ipynb #80862065
+def kendall(pt:pl.DataFrame, col:str)->float:
+    "Kendall τ between the true clicks of the Pareto settings and a replayed column."
+    from scipy.stats import kendalltau
+    return float(kendalltau(pt["clicks"], pt[col]).statistic)

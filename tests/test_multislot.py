@@ -136,3 +136,22 @@ def test_bad_input(w):
 def test_same_seed_same_requests(w):
     a, b = draw_requests(w, 3, 8, seed=5), draw_requests(w, 3, 8, seed=5)
     assert (a.items == b.items).all() and (a.t == b.t).all()
+
+def test_async_equals_native(w):
+    "gymnasium's AsyncVectorEnv (forkserver subprocesses) steps the same episodes as the native batch."
+    a = rollout(make_vec_env(w, 2, "native", n_candidates=8, n_slots=3, reward="sampled"), 8, seed=3)
+    env = make_vec_env(w, 2, "async", n_candidates=8, n_slots=3, reward="sampled")
+    try: b = rollout(env, 8, seed=3)
+    finally: env.close()
+    np.testing.assert_allclose(a[1], b[1], atol=1e-12); np.testing.assert_allclose(a[0], b[0], atol=1e-6)
+
+def test_speed_rows_ratios_are_paired_by_repeat():
+    import polars as pl
+    ss = pl.DataFrame([dict(repeat=r, N=N, K=K, seconds=(r + 1) * N * K * 1e-6, rows=K * N - K * (K - 1) // 2)
+                       for r in range(3) for N, K in SPEED_GRID])
+    es = pl.DataFrame([dict(repeat=r, mode=m, num_envs=4, steps_per_s=v * (r + 1))
+                       for r in range(3) for m, v in (("native", 60.0), ("sync", 10.0))])
+    rows = pl.DataFrame(speed_rows(ss, es), infer_schema_length=None)
+    get = lambda m: rows.filter(pl.col("metric") == m).sort("repeat")["value"].to_list()
+    assert get("time_ratio_N") == pytest.approx([8.0] * 3) and get("time_ratio_K") == pytest.approx([4.0] * 3)
+    assert get("native_over_sync") == pytest.approx([6.0] * 3) and get("rows_exact") == [1.0]
