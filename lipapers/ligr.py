@@ -533,7 +533,8 @@ def run_control(control:str, seed:int, arms=ARMS, baselines:bool=True, n_members
         models[a] = make_arm(a, world_cards(w), d, n_layers, n_heads, tasks, seed, max(n_hist, 1), world_item_feats(w),
                              WORLD_FEATS)
         r = fit(models[a], tr, va, epochs, lr, batch_size, seed); probs[a] = predict(models[a], te)
-        rows += [dict(method=a, metric=k, value=r[v]) for k, v in (("fit_seconds", "seconds"), ("best_epoch", "best_epoch"))]
+        rows += [dict(method=a, metric=k, value=r[v])
+                 for k, v in (("fit_seconds", "seconds"), ("best_epoch", "best_epoch"))]
     rows += _auc_rows({t: te_imps[t].to_numpy() for t in tasks}, probs, tasks)
     if baselines: rows += _baseline_rows(w, parts, tasks, seed)
     if div_k: rows += diversity_rows(w, {a: models[a] for a in ("ligr", "ligr_setwise") if a in models}, te, div_k)
