@@ -17,5 +17,6 @@ setup(
     package_dir={"lipapers": "lipapers", "lipapers.kernels": "kernels"},
     package_data={"lipapers": ["presets/*/*.yaml"]},
     entry_points={"console_scripts": c["console_scripts"].split(), "nbdev": [f"{c['lib_path']}={c['lib_path']}._modidx:d"]},
+    extras_require={"ray": c.get("ray_requirements", "").split()},  # the Ray executor: pip install -e ".[ray]"
     zip_safe=False,
 )
