@@ -14,7 +14,7 @@ from . import __version__
 __all__ = ['UsageError', 'Param', 'Preset', 'Chapter', 'parse_check', 'parse_params_cell', 'parse_value', 'check_value',
            'nbs_dir', 'runs_dir', 'read_chapter', 'read_preset', 'chapters', 'get_chapter', 'resolve', 'overrides_of',
            'run_id', 'parse_grid', 'RunResult', 'is_complete', 'code_version', 'default_timeout', 'execute', 'run',
-           'sweep', 'results', 'list_runs', 'clean', 'main', 'repro', 'lab']
+           'sweep', 'ray_connect', 'remote_run', 'results', 'list_runs', 'clean', 'main', 'repro', 'lab']
 
 # %% ../nbs/01_repro.ipynb #01bb78af
 # torch, polars, papermill and lipapers.core are imported inside the functions that need them, and these standard
@@ -571,7 +571,7 @@ def _stop(p):
     except OSError: pass
     p.wait()
 
-# %% ../nbs/01_repro.ipynb #c0de0004
+# %% ../nbs/01_repro.ipynb #6cc0210a
 def execute(ch:Chapter, preset:str, params:dict, root:Path, force:bool=False, timeout:float|None=None,
             on_progress=None)->RunResult:
     "Run one resolved experiment into `root/<chapter>/<preset>/<run_id>/` (skip it if complete with the current code)."
@@ -579,41 +579,71 @@ def execute(ch:Chapter, preset:str, params:dict, root:Path, force:bool=False, ti
     if is_complete(final) and not force and _run_info(final).get("code_version") == code:
         return RunResult(ch.name, preset, rid, final, "skipped", params)
     over = overrides_of(ch, preset, params); timeout = timeout or default_timeout(ch, preset, root)
+    tmp = _new_tmp(d, rid)
+    _prepare(tmp, ch, preset, rid, params, over, code, ch.path, ch.path.parent)
+    t0 = time.time(); rc = _launch(tmp, Path(root), rid, timeout, on_progress)
+    return _finish(ch, preset, rid, params, over, code, tmp, final, rc, time.time() - t0, timeout)
+
+# %% ../nbs/01_repro.ipynb #76662661
+def _new_tmp(d:Path, rid:str)->Path:
+    "A fresh hidden folder beside the run's final place, named with our pid (so a dead runner's leftovers are known)."
     d.mkdir(parents=True, exist_ok=True); _clean_stale(d)
     tmp = d/f".{rid}.tmp-{os.getpid()}-{os.urandom(3).hex()}"; tmp.mkdir()
+    return tmp
+
+# %% ../nbs/01_repro.ipynb #0111c3d7
+def _prepare(tmp:Path, ch:Chapter, preset:str, rid:str, params:dict, over:dict, code:str, nb:Path, cwd:Path):
+    "Write `params.json`, `env.json` (of this machine) and the child's `spec.json` into the run folder."
     meta = dict(chapter=ch.name, preset=preset, run_id=rid, notebook=str(ch.path), params=params, overrides=over,
                 default_run=not over, code_version=code, git_commit=_git_commit())
     (tmp/"params.json").write_text(json.dumps(meta, indent=1, default=str))
     from lipapers.core import env_record
     (tmp/"env.json").write_text(json.dumps(env_record(seed=params.get("seed")), indent=1, default=str))
-    (tmp/"spec.json").write_text(json.dumps(dict(nb=str(ch.path), out=str(tmp/"executed.ipynb"), params=params,
-                                                 cwd=str(ch.path.parent), parent=os.getpid())))
+    (tmp/"spec.json").write_text(json.dumps(dict(nb=str(nb), out=str(tmp/"executed.ipynb"), params=params,
+                                                 cwd=str(cwd), parent=os.getpid())))
+
+# %% ../nbs/01_repro.ipynb #2361e4de
+def _launch(tmp:Path, root:Path, rid:str, timeout:float, on_progress=None)->int|None:
+    "Execute `tmp/spec.json` in a child process in its own session; its exit code, or None past the deadline."
     cmd = [sys.executable, "-c", "import sys; from lipapers.repro import _exec_child; _exec_child(sys.argv[1])",
            str(tmp/"spec.json")]
-    t0 = time.time()
     with open(tmp/"stdout.log", "w") as log:
         p = subprocess.Popen(cmd, env=_child_env(tmp, Path(root), rid), stdout=log, stderr=subprocess.STDOUT,
                              start_new_session=True)
-        try: rc = _wait(p, tmp, timeout, on_progress)
+        try: return _wait(p, tmp, timeout, on_progress)
         except BaseException: _stop(p); raise  # Ctrl-C: the child is in its own group, the terminal's SIGINT missed it
-    return _finish(ch, preset, rid, params, over, code, tmp, final, rc, time.time() - t0, timeout)
 
-# %% ../nbs/01_repro.ipynb #c0de0005
+# %% ../nbs/01_repro.ipynb #9b4bb6d3
 def _finish(ch, preset, rid, params, over, code, tmp, final, rc, secs, timeout)->RunResult:
-    "Stamp the metrics, write `complete.json` (or describe the failure), fix file modes, move the folder into place."
+    "Seal the run folder, then move it into place in one rename."
+    rc = _seal(ch, preset, rid, params, over, code, tmp, rc, secs, timeout)
+    return _place(ch, preset, rid, params, tmp, final, rc, secs)
+
+# %% ../nbs/01_repro.ipynb #80d2f059
+def _seal(ch, preset, rid, params, over, code, tmp, rc, secs, timeout)->int:
+    "Stamp the metrics, write `complete.json` (or describe the failure), fix file modes; 0 when the run is complete."
     (tmp/"spec.json").unlink(missing_ok=True)
     if rc is None: _timeout_error(tmp, timeout, secs)
     elif rc == 0:
         try: _stamp_metrics(tmp, ch, preset, rid, params, over, code)
-        except Exception as e:
-            rc = 1
-            err = dict(cell_index=None, ename=type(e).__name__, evalue=str(e), source="")
-            (tmp/"error.json").write_text(json.dumps(err))
+        except Exception as e: rc = 1; _write_error(tmp, e)
     if rc == 0:
         info = dict(run_id=rid, seconds=secs, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), code_version=code,
                     default_run=not over, overrides=over)
         (tmp/"complete.json").write_text(json.dumps(info, default=str))
     (tmp/"progress.json").unlink(missing_ok=True); _umask_modes(tmp)
+    return 1 if rc is None else rc
+
+# %% ../nbs/01_repro.ipynb #8b19b838
+def _write_error(tmp:Path, e):
+    "Describe a failure outside any cell (set-up, a lost worker, metrics) in `error.json`."
+    err = e if isinstance(e, dict) else dict(ename=type(e).__name__, evalue=str(e).strip().splitlines()[0][:2000]
+                                             if str(e).strip() else "")
+    (tmp/"error.json").write_text(json.dumps(dict(cell_index=None, source="") | err))
+
+# %% ../nbs/01_repro.ipynb #8008bdac
+def _place(ch, preset, rid, params, tmp:Path, final:Path, rc:int, secs:float)->RunResult:
+    "Move a sealed run folder into place (replacing a stale one) and say how it went."
     if final.exists(): shutil.rmtree(final)
     os.rename(tmp, final)
     if rc == 0: return RunResult(ch.name, preset, rid, final, "complete", params, seconds=secs)
@@ -672,26 +702,175 @@ def run(chapter:str, preset:str="tiny", overrides=(), runs:str|Path|None=None, f
     if pr: pr.done(rid)
     return r
 
-# %% ../nbs/01_repro.ipynb #d0e00001
+# %% ../nbs/01_repro.ipynb #1341f88e
 def sweep(chapter:str, grid, preset:str="tiny", overrides=(), jobs:int=1, runs:str|Path|None=None, nbs:Path|None=None,
-          progress:bool=True, timeout:float|None=None, force:bool=False)->list:
-    "Run the cartesian grid of `-g key=v1,v2` options; resumable and parallel."
-    if jobs < 1: raise UsageError(f"-j must be >= 1, got {jobs}")
+          progress:bool=True, timeout:float|None=None, force:bool=False, executor:str="local",
+          address:str|None=None)->list:
+    "Run the cartesian grid of `-g key=v1,v2` options; resumable, in parallel locally (`jobs`) or on a Ray cluster."
+    _check_executor(executor, jobs, address)
     if not grid: raise UsageError("sweep needs at least one -g key=v1,v2")
     ch = get_chapter(chapter, nbs)
     points = [resolve(ch, preset, list(overrides) + pt) for pt in parse_grid(ch, grid)]
-    root, results = runs_dir(runs), []
-    from concurrent.futures import ThreadPoolExecutor, as_completed
+    root = runs_dir(runs)
     from tqdm.auto import tqdm
-    with (ThreadPoolExecutor(jobs) as ex,
-          tqdm(total=len(points), desc=f"sweep {chapter}", disable=not progress, file=sys.stderr) as bar):
-        def report(rid, p): bar.set_postfix_str(f"{rid[:6]}: cell {p['cell']} ({p['done']}/{p['total']})", refresh=True)
+    with tqdm(total=len(points), desc=f"sweep {chapter}", disable=not progress, file=sys.stderr) as bar:
+        if executor == "ray": return _ray_sweep(ch, preset, points, root, force, timeout, address, bar)
+        return _local_sweep(ch, preset, points, root, force, timeout, jobs, bar)
+
+# %% ../nbs/01_repro.ipynb #6fab3c7a
+def _check_executor(executor:str, jobs:int, address:str|None):
+    if executor not in ("local", "ray"): raise UsageError(f"unknown executor {executor!r}; valid: local, ray")
+    if jobs < 1: raise UsageError(f"-j must be >= 1, got {jobs}")
+    if executor == "ray" and jobs != 1:
+        raise UsageError("-j does not apply to --executor ray: the cluster's free CPUs decide how many run at once")
+    if executor == "local" and address: raise UsageError("--address needs --executor ray")
+
+# %% ../nbs/01_repro.ipynb #1af5be9d
+def _local_sweep(ch:Chapter, preset:str, points:list, root:Path, force:bool, timeout, jobs:int, bar)->list:
+    "The local executor: a thread pool of `jobs`, each thread waiting on one child process."
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+    results = []
+    def report(rid, p): bar.set_postfix_str(f"{rid[:6]}: cell {p['cell']} ({p['done']}/{p['total']})", refresh=True)
+    with ThreadPoolExecutor(jobs) as ex:
         futs = [ex.submit(execute, ch, preset, p, root, force, timeout, (lambda q, r=run_id(ch, p): report(r, q)))
                 for p in points]
         for f in as_completed(futs):
             r = f.result(); results.append(r); bar.update(1)
             if r.status == "failed": bar.write(f"run {r.run_id} {r.error}")
     return results
+
+# %% ../nbs/01_repro.ipynb #73a32fc1
+_RAY_INSTALL = "pip install -e '.[ray]' (or: .venv/bin/pip install ray==2.60.0)"
+_RAY_WAIT = 60.0  # seconds to connect before giving up (before any run starts); `$LIPAPERS_RAY_WAIT` overrides
+_RAY_KEEP = {}  # the thread that called ray.init: it must live as long as the Ray processes it started
+
+# %% ../nbs/01_repro.ipynb #d4d96c00
+def _probe(address:str, wait:float):
+    "Raise `UsageError` unless something accepts a TCP connection at `host:port` within `wait` seconds."
+    import socket
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit(): raise UsageError(f"--address {address!r}: expected HOST:PORT of the Ray head")
+    try: socket.create_connection((host, int(port)), timeout=min(wait, 10.0)).close()
+    except OSError as e:
+        raise UsageError(f"no Ray cluster answers at {address} ({e.strerror or e}); nothing was run") from None
+
+# %% ../nbs/01_repro.ipynb #916afecc
+def _ray_error(address:str|None, e:BaseException)->UsageError:
+    "One clear line for a failed connection; an authentication failure names the variables to set."
+    text = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+    where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+    if address and (isinstance(e, ConnectionError) or re.search(r"auth|token", str(e), re.I)):
+        # a wrong or missing token shows only as "Failed to connect" (the reason goes to Ray's log): name it
+        return UsageError(f"{where} answers but refused the connection: a missing or wrong token (set "
+                          f"RAY_AUTH_MODE=token and RAY_AUTH_TOKEN to the cluster's token) or another Ray version; "
+                          f"ray said: {text}")
+    return UsageError(f"could not connect to {where}: {text}")
+
+# %% ../nbs/01_repro.ipynb #558504c5
+def ray_connect(address:str|None=None, wait:float|None=None, **init_kw):
+    ("Connect to the Ray cluster at `address` (else `$RAY_ADDRESS`, else start a local instance with `init_kw`), "
+     "with a deadline, usage statistics and dashboard off; an open session is reused. Returns the `ray` module.")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0"); os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")
+    wait = float(wait or os.environ.get("LIPAPERS_RAY_WAIT") or _RAY_WAIT)
+    try: import ray
+    except ImportError: raise UsageError(f"--executor ray needs the optional ray package: {_RAY_INSTALL}") from None
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address and address != "auto": _probe(address, wait)
+    if ray.is_initialized(): return ray
+    import threading
+    done, out = threading.Event(), {}
+    def init():  # a thread that stays alive: Ray ties its local processes' lifetime to the thread that started them
+        try: ray.init(address=address, include_dashboard=False, log_to_driver=False, **init_kw)
+        except BaseException as e: out["error"] = e
+        done.set(); threading.Event().wait()
+    _RAY_KEEP["thread"] = t = threading.Thread(target=init, daemon=True, name="lipapers-ray"); t.start()
+    if not done.wait(wait): raise UsageError(f"Ray did not connect within {wait:.0f} s" + (f" to {address}" if address
+                                             else "") + " (a wrong RAY_AUTH_TOKEN can look like this); nothing was run")
+    if "error" in out: raise _ray_error(address, out["error"])
+    return ray
+
+# %% ../nbs/01_repro.ipynb #294943f4
+def _tar(d:Path)->bytes:
+    "A folder's files as an in-memory tar archive (relative names)."
+    import io, tarfile
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as t:
+        for f in sorted(Path(d).rglob("*")): t.add(f, arcname=str(f.relative_to(d)), recursive=False)
+    return buf.getvalue()
+
+# %% ../nbs/01_repro.ipynb #5e6cf941
+def _untar(data:bytes, d:Path):
+    "Unpack `_tar`'s archive into folder `d` (names may not leave it)."
+    import io, tarfile
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as t: t.extractall(d, filter="data")
+
+# %% ../nbs/01_repro.ipynb #ddaf6d05
+def remote_run(nb_text:str, rel:str, preset:str, params:dict, over:dict, code:str, rid:str, timeout:float)->dict:
+    ("On a worker: run one point in a private temporary folder with the local child process, seal it, and return "
+     "it as a tar archive with its exit code and seconds.")
+    base = Path(tempfile.mkdtemp(prefix="lipapers-worker-"))
+    try:
+        nb = base/"nbs"/rel; nb.parent.mkdir(parents=True); nb.write_text(nb_text)
+        ch = read_chapter(nb); mine = code_version(ch); root = base/"runs"
+        tmp = _new_tmp(root/ch.name/preset, rid)
+        from lipapers.core import project_root
+        try: cwd = project_root()/"nbs"/Path(rel).parent  # the worker's own checkout, for chapters reading files
+        except FileNotFoundError: cwd = nb.parent
+        _prepare(tmp, ch, preset, rid, params, over, code, nb, cwd if cwd.is_dir() else nb.parent)
+        t0 = time.time()
+        rc = (_launch(tmp, root, rid, timeout) if mine == code else
+              _write_error(tmp, dict(ename="CodeVersionMismatch", evalue=f"this worker's lipapers code is version "
+                                     f"{mine}, the driver's {code}: install the same commit on every machine")) or 1)
+        secs = time.time() - t0
+        rc = _seal(ch, preset, rid, params, over, code, tmp, rc, secs, timeout)
+        return dict(rc=rc, seconds=secs, tar=_tar(tmp))
+    finally: shutil.rmtree(base, ignore_errors=True)
+
+# %% ../nbs/01_repro.ipynb #d966b019
+def _land(ch:Chapter, preset:str, root:Path, params:dict, rid:str, out:dict|None, err=None)->RunResult:
+    "Write a worker's sealed folder (or, when the task itself failed, an error record) into the store atomically."
+    d = Path(root)/ch.name/preset; tmp = _new_tmp(d, rid)
+    if out is None:
+        (tmp/"params.json").write_text(json.dumps(dict(chapter=ch.name, preset=preset, run_id=rid, params=params),
+                                                  default=str))
+        _write_error(tmp, err); rc, secs = 1, 0.0
+    else: _untar(out["tar"], tmp); rc, secs = out["rc"], out["seconds"]
+    if (tmp/"figures").is_dir() and not (Path(root)/"plotly.min.js").exists():
+        from lipapers.core import atomic_write_bytes
+        from plotly.offline import get_plotlyjs
+        atomic_write_bytes(Path(root)/"plotly.min.js", get_plotlyjs().encode())  # the figures' shared plotly.js
+    return _place(ch, preset, rid, params, tmp, d/rid, rc, secs)
+
+# %% ../nbs/01_repro.ipynb #b4079c3a
+def _ray_sweep(ch:Chapter, preset:str, points:list, root:Path, force:bool, timeout, address, bar)->list:
+    "Submit every unfinished point to Ray; land each as it finishes; on Ctrl-C cancel the rest (finished runs stay)."
+    ray = ray_connect(address); task = ray.remote(num_cpus=1, max_retries=0)(remote_run)
+    rel = str(ch.path.relative_to(nbs_dir())) if ch.path.is_relative_to(nbs_dir()) else ch.path.name
+    code, text, out, refs = code_version(ch), ch.path.read_text(), [], {}
+    tmo = timeout or default_timeout(ch, preset, root)
+    for p in points:
+        rid, final = run_id(ch, p), Path(root)/ch.name/preset/run_id(ch, p)
+        if is_complete(final) and not force and _run_info(final).get("code_version") == code:
+            out.append(RunResult(ch.name, preset, rid, final, "skipped", p)); bar.update(1); continue
+        refs[task.remote(text, rel, preset, p, overrides_of(ch, preset, p), code, rid, tmo)] = (p, rid)
+    pending = list(refs)
+    try:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1, timeout=1.0)
+            for ref in done: out.append(_collect(ray, ch, preset, root, ref, *refs[ref], bar))
+    except BaseException:
+        for ref in pending: ray.cancel(ref, force=True)  # the worker dies; its child and kernel follow it
+        raise
+    return out
+
+# %% ../nbs/01_repro.ipynb #2718d307
+def _collect(ray, ch, preset, root, ref, params, rid, bar)->RunResult:
+    "Fetch one finished task (a task that raised is a failed run, not a failed sweep) and land it."
+    try: r = _land(ch, preset, root, params, rid, ray.get(ref, timeout=120))
+    except Exception as e: r = _land(ch, preset, root, params, rid, None, getattr(e, "cause", None) or e)
+    bar.update(1)
+    if r.status == "failed": bar.write(f"run {r.run_id} {r.error}")
+    return r
 
 # %% ../nbs/01_repro.ipynb #9c4adfb5
 def _run_dirs(root:Path, chapter:str|None=None):
@@ -797,7 +976,10 @@ def _run_opts(s, sweep:bool):
     if sweep:
         s.add_argument("-g", action="append", default=[], metavar="KEY=V1,V2",
                        help="a grid axis (repeatable: the cartesian product)")
-        s.add_argument("-j", type=int, default=1, help="runs in parallel (default 1)")
+        s.add_argument("-j", type=int, default=1, help="runs in parallel with the local executor (default 1)")
+        s.add_argument("--executor", default="local", metavar="{local,ray}",
+                       help="local (default: child processes here) or ray (a Ray cluster; pip install -e '.[ray]')")
+        s.add_argument("--address", default=None, help="the Ray head's HOST:PORT (default: $RAY_ADDRESS, else local)")
 
 # %% ../nbs/01_repro.ipynb #c3b3ae67
 def _parser():
@@ -877,7 +1059,8 @@ def _run_cmd(a)->int:
 
 # %% ../nbs/01_repro.ipynb #5a915103
 def _sweep_cmd(a)->int:
-    rs = sweep(a.chapter, a.g, a.preset, a.p, a.j, a.runs_dir, timeout=a.timeout, force=a.force)
+    rs = sweep(a.chapter, a.g, a.preset, a.p, a.j, a.runs_dir, timeout=a.timeout, force=a.force,
+           executor=a.executor, address=a.address)
     n = {s: sum(r.status == s for r in rs) for s in ("complete", "skipped", "failed")}
     print(f"sweep {a.chapter}: {n['complete']} run, {n['skipped']} already complete, {n['failed']} failed; "
           f"runs in {runs_dir(a.runs_dir)/a.chapter/a.preset}")

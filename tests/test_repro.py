@@ -340,3 +340,104 @@ def test_explorers_never_hang_in_parallel_sweeps_on_a_busy_cpu(tmp_path):
     assert r.returncode == 0 and "4 run, 0 already complete, 0 failed" in r.stdout, r.stdout + r.stderr[-3000:]
     df = repro.results("explorer", tmp_path / "runs", nbs=EXPLORER)
     assert df.filter(pl.col("metric") == "ipc")["value"].to_list() == [1.0] * 4
+
+
+# --- sweeps on a Ray cluster: one real local Ray instance (2 CPUs, token authentication) for all these tests -----------
+
+
+def _within(seconds, fn, *args, **kw):
+    """Call `fn` in a thread and fail the test if it has not returned within `seconds` (a deadline on every wait)."""
+    import threading
+
+    out = {}
+
+    def go():
+        try:
+            out["value"] = fn(*args, **kw)
+        except BaseException as e:  # noqa: BLE001 - re-raised below in the test's thread
+            out["error"] = e
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"{getattr(fn, '__name__', fn)} did not return within {seconds} s"
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray with 2 CPUs, usage statistics and dashboard off, token authentication with a throw-away token;
+    shut down (never `ray stop`, which is machine-wide) when the session ends."""
+    saved = {k: os.environ.get(k) for k in ("RAY_USAGE_STATS_ENABLED", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    os.environ.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=os.urandom(16).hex())
+    ray = repro.ray_connect(None, wait=300, num_cpus=2)
+    yield ray
+    ray.shutdown()
+    for k, v in saved.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def _frame(runs):
+    cols = ["run_id", "method", "metric", "step", "value", "code_version", "p_n", "p_fail"]
+    return repro.results("toy", runs).select(cols).sort(cols)
+
+
+def test_ray_sweep_equals_local_records_a_failure_and_resumes(ray_local, tmp_path, monkeypatch):
+    monkeypatch.setenv("LIPAPERS_NBS", str(FIXTURES))
+    grid = ["n=1,2", "fail=false,true"]
+    loc = _within(600, repro.sweep, "toy", grid, jobs=2, runs=tmp_path / "local", progress=False)
+    ray = _within(600, repro.sweep, "toy", grid, runs=tmp_path / "ray", progress=False, executor="ray")
+    key = lambda rs: sorted((r.run_id, r.status) for r in rs)  # noqa: E731
+    assert key(ray) == key(loc) and sorted(r.status for r in ray) == ["complete", "complete", "failed", "failed"]
+    assert _frame(tmp_path / "ray").equals(_frame(tmp_path / "local")), "same run ids, same metrics"
+    bad = next(r for r in ray if r.status == "failed")
+    assert "ZeroDivisionError" in bad.error and not repro.is_complete(bad.path), bad.error
+    assert (bad.path / "executed.ipynb").exists(), "the worker's partial notebook comes back with the failure"
+    tiny = tmp_path / "ray" / "toy" / "tiny"
+    assert not [d for d in tiny.iterdir() if d.name.startswith(".")], "no temporary folder is left in the store"
+    gone = next(r for r in ray if r.status == "complete")
+    import shutil
+
+    shutil.rmtree(gone.path)
+    again = _within(600, repro.sweep, "toy", ["n=1,2", "fail=false"], runs=tmp_path / "ray", progress=False,
+                    executor="ray")
+    assert sorted(r.status for r in again) == ["complete", "skipped"], "resume runs only the missing point"
+    assert [r.run_id for r in again if r.status == "complete"] == [gone.run_id]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["sweep", "toy", "-g", "n=1", "--executor", "dask"], "unknown executor 'dask'; valid: local, ray"),
+        (["sweep", "toy", "-g", "n=1", "--executor", "ray", "-j", "2"], "-j does not apply to --executor ray"),
+        (["sweep", "toy", "-g", "n=1", "--address", "127.0.0.1:6379"], "--address needs --executor ray"),
+        (["sweep", "toy", "-g", "n=1", "--executor", "ray", "--address", "127.0.0.1:1"],
+         "no Ray cluster answers at 127.0.0.1:1"),
+        (["sweep", "toy", "-g", "n=1", "--executor", "ray", "--address", "nohost"], "expected HOST:PORT"),
+    ],
+)
+def test_ray_bad_input_fails_before_anything_runs(env, args, message, capsys):
+    assert _within(60, repro.main, args) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("lipapers: error:") and message in last, last
+    assert not env.exists() or not any(env.rglob("*"))
+
+
+def test_ray_missing_package_names_the_install_command(env, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError, as without the extra
+    assert repro.main(["sweep", "toy", "-g", "n=1", "--executor", "ray"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "needs the optional ray package: pip install -e '.[ray]'" in last, last
+
+
+def test_ray_wrong_token_is_one_clear_error(ray_local, tmp_path):
+    addr = ray_local.get_runtime_context().gcs_address
+    e = {"LIPAPERS_NBS": str(FIXTURES), "LIPAPERS_RUNS": str(tmp_path), "RAY_AUTH_MODE": "token",
+         "RAY_AUTH_TOKEN": "0" * 32, "LIPAPERS_RAY_WAIT": "120"}
+    r = cli("sweep", "toy", "-g", "n=1", "--executor", "ray", "--address", addr, env_vars=e, timeout=240)
+    errs = [line for line in r.stderr.splitlines() if line.startswith("lipapers: error:")]
+    assert r.returncode == 2 and len(errs) == 1 and "RAY_AUTH_TOKEN" in errs[0], r.stderr[-2000:]
+    assert errs[0] == r.stderr.strip().splitlines()[-1]
+    assert not any(tmp_path.rglob("*")), "nothing ran"
