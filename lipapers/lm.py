@@ -465,6 +465,7 @@ def train_lm(model:nn.Module, # model to train in place (`LM` or anything return
              progress:bool=True, # show a tqdm bar
              # `batches(generator) -> (input_ids, labels)`; default: random windows of train_ids
              batches:Callable|None=None,
+             callback:Callable|None=None, # called as `callback(model, step)` after each held-out evaluation
             )->dict:
     "Train with AdamW, warmup + cosine and clipping; return the history."
     from tqdm.auto import tqdm
@@ -487,6 +488,7 @@ def train_lm(model:nn.Module, # model to train in place (`LM` or anything return
             hist["eval_step"].append(step + 1)
             hist["valid_ppl"].append(perplexity(model, valid_ids, tcfg.seq_len, 16, tcfg.eval_tokens, dev))
             bar.set_postfix(loss=f"{loss.item():.3f}", valid_ppl=f"{hist['valid_ppl'][-1]:.1f}")
+            if callback is not None: callback(model, step + 1); model.train()
     hist["seconds"] = time.perf_counter() - t0
     return hist
 
@@ -657,14 +659,14 @@ class PretrainedSpec:
 SMALL = LMConfig(vocab_size=2048, d_model=256, n_layers=4, n_heads=8, max_seq_len=256)
 SMALL_TRAIN = TrainConfig(n_steps=600, batch_size=16, seq_len=128, lr=3e-3, warmup=40, eval_every=200,
                           eval_tokens=32_768, bf16=True)
-SFT_TRAIN = TrainConfig(n_steps=1100, batch_size=64, seq_len=256, lr=3e-3, warmup=50, eval_every=550,
+SFT_TRAIN = TrainConfig(n_steps=1500, batch_size=32, seq_len=256, lr=2e-3, warmup=100, eval_every=300,
                         eval_tokens=32_768, bf16=True)
 _STRING = ("sort", "copy", "reverse", "add", "recall")
 PRETRAINED:dict[str, PretrainedSpec] = {
     "tiny": PretrainedSpec(TINY, TINY_TRAIN),
     "small": PretrainedSpec(SMALL, SMALL_TRAIN, task_frac=0.25, n_task_examples=100_000, families=_STRING),
     "small-sft": PretrainedSpec(None, SFT_TRAIN, parent="small", sft=True, n_task_examples=150_000,
-                                families=_STRING + ("recommend",), weights=(2, 1.5, 1, 1, 1, 0.35)),
+                                families=_STRING + ("recommend",), weights=(3, 2, 1, 1, 1, 0.25), threads=2),
 }
 _TASKS_VERSION = 1
 
@@ -726,7 +728,7 @@ def _task_batches(spec, tok, tr, max_len):
     return mixed_windows(tr, stream, spec.tcfg.batch_size, spec.tcfg.seq_len, spec.task_frac)
 
 # %% ../nbs/03_lm.ipynb #f1a7a0ed
-def _build_named(name, progress):
+def _build_named(name, progress, callback=None):
     spec, t0, c0 = PRETRAINED[name], time.perf_counter(), time.process_time()
     train_t, valid_t = shakespeare_splits(spec.valid_every)
     if spec.parent:
@@ -735,7 +737,8 @@ def _build_named(name, progress):
         tok = train_bpe_tokenizer(train_t, spec.cfg.vocab_size); seed_everything(spec.seed); model = LM(spec.cfg)
     tr, va = encode_texts(tok, train_t), encode_texts(tok, valid_t)
     batches = _task_batches(spec, tok, tr, model.cfg.max_seq_len)
-    hist = train_lm(model, tr, va, spec.tcfg, seed=spec.seed, device="cpu", progress=progress, batches=batches)
+    hist = train_lm(model, tr, va, spec.tcfg, seed=spec.seed, device="cpu", progress=progress, batches=batches,
+                    callback=callback)
     info = dict(name=name, n_params=n_params(model), train_seconds=hist["seconds"],
                 build_seconds=time.perf_counter() - t0,
                 cpu_seconds=time.process_time() - c0, load_avg=os.getloadavg()[0],

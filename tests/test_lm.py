@@ -191,6 +191,14 @@ def test_training_deterministic_for_a_seed():
     assert h1["eval_step"] == [3, 6]
 
 
+def test_train_lm_callback_after_each_evaluation():
+    ids = torch.randint(0, SMALL.vocab_size, (2000,), generator=torch.Generator().manual_seed(9))
+    seen, m = [], LM(SMALL)
+    def cb(model, step): seen.append(step); model.eval()  # a callback may leave the model in eval mode
+    h = train_lm(m, ids[:1500], ids[1500:], SMALL_TRAIN, device="cpu", progress=False, callback=cb)
+    assert seen == h["eval_step"] == [3, 6] and m.training  # training resumes (and ends) in train mode
+
+
 def test_lr_schedule():
     f = [lr_factor(s, 100, 10, 0.1) for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0) and f[10] == pytest.approx(1.0)
@@ -515,6 +523,13 @@ def test_generate_text_and_bad_input():
     a = L.generate(m, tok, ["ab", "hello"], max_new_tokens=6, temperature=0)
     assert a == L.generate(m, tok, ["ab", "hello"], max_new_tokens=6, temperature=0, use_cache=False)
     assert a[1] == L.generate(m, tok, ["hello"], max_new_tokens=6, temperature=0)[0]
+    for p, got in zip(["ab", "hello"], a):  # brute force: one unpadded prompt, full forward, argmax, stop at EOS
+        ids = tok(p)["input_ids"]
+        for _ in range(6):
+            nxt = int(m(torch.tensor([ids])).logits[0, -1].argmax())
+            if nxt == tok.eos_token_id: break
+            ids.append(nxt)
+        assert got == tok.decode(ids[len(tok(p)["input_ids"]):])
     assert L.generate(m, tok, ["ab"], 6, seed=1) == L.generate(m, tok, ["ab"], 6, seed=1)
     with pytest.raises(ValueError, match="prompts is empty"):
         L.generate(m, tok, [])
