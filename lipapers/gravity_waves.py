@@ -4,7 +4,7 @@
 
 # %% ../nbs/climate/71_gravity_waves.ipynb #7ea32a49
 from __future__ import annotations
-import copy, math, time
+import copy, math, time, warnings
 from dataclasses import dataclass, field, asdict, replace
 from pathlib import Path
 import numpy as np
@@ -249,7 +249,9 @@ def regrid(a: np.ndarray, lat: np.ndarray, lon: np.ndarray, cfg: GWConfig, name:
     tot = np.stack([np.bincount(cell, np.where(o, f, 0), cfg.n_lat * cfg.n_lon) for f, o in zip(flat, ok)])
     cnt = np.stack([np.bincount(cell, o, cfg.n_lat * cfg.n_lon) for o in ok])
     out = np.where(cnt > 0, tot / np.maximum(cnt, 1), np.nan).reshape(-1, cfg.n_lat, cfg.n_lon)
-    band = np.nanmean(np.where(np.isnan(out), np.nan, out), axis=2, keepdims=True) if np.isfinite(out).any() else out
+    with warnings.catch_warnings():  # all-NaN latitude bands (COADS has no land values) are filled just below
+        warnings.simplefilter("ignore", RuntimeWarning)
+        band = np.nanmean(out, axis=2, keepdims=True) if np.isfinite(out).any() else out
     out = np.where(np.isnan(out), band, out)
     for o in out:  # bands with no ocean at all: interpolate in latitude
         good = np.isfinite(o[:, 0])
