@@ -300,3 +300,17 @@ def test_bad_names():
     with pytest.raises(ValueError, match="testbed must be one of"): make_hessians("cifar", 4, 4)
     with pytest.raises(ValueError, match="notion must be one of"): observed_critical_lr(rand_psd(3, 2), 1, "median")
     with pytest.raises(ValueError, match="sigma must be in"): coherence_critical_lr(1.0, 0.5, 4, 1)
+
+
+def test_sigma_predictor_overshoots_on_a_sign_cycle():
+    """Unit rows at 0°, 60°, 120°, B = 1: η* = 2 exactly (T(I) = I − (2η − η²)H), σ = 2, η_σ = 8/3, and ρ(T(η_σ)) > 1
+    by brute force over the three batches: the σ-only predictor is not one-sided (claim C3r)."""
+    ang = torch.tensor([0.0, 60.0, 120.0], dtype=D).deg2rad()
+    a = torch.stack([ang.cos(), ang.sin()], 1); Hs = a[:, :, None] * a[:, None, :]
+    assert critical_lr(Hs, 1) == pytest.approx(2.0, abs=1e-10)
+    assert coherence(Hs) == pytest.approx(2.0, abs=1e-12)
+    e_sig = coherence_critical_lr(torch.linalg.eigvalsh(Hs.mean(0))[-1].item(), coherence(Hs), 3, 1)
+    assert e_sig == pytest.approx(8 / 3, abs=1e-10)
+    Ms = [torch.eye(2, dtype=D) - e_sig * H for H in Hs]
+    brute = torch.linalg.eigvals(sum(torch.kron(M, M) for M in Ms) / 3).abs().max().item()
+    assert brute == pytest.approx(ms_spectral_radius(Hs, e_sig, 1), abs=1e-10) and brute > 1
