@@ -14,7 +14,8 @@ from . import __version__
 __all__ = ['UsageError', 'Param', 'Preset', 'Chapter', 'parse_check', 'parse_params_cell', 'parse_value', 'check_value',
            'nbs_dir', 'runs_dir', 'read_chapter', 'read_preset', 'chapters', 'get_chapter', 'resolve', 'overrides_of',
            'run_id', 'parse_grid', 'RunResult', 'is_complete', 'code_version', 'default_timeout', 'execute', 'run',
-           'sweep', 'ray_connect', 'remote_run', 'results', 'list_runs', 'clean', 'main', 'repro', 'lab']
+           'sweep', 'ray_connect', 'remote_run', 'results', 'list_runs', 'clean', 'main', 'status', 'compare', 'repro',
+           'lab']
 
 # %% ../nbs/01_repro.ipynb #01bb78af
 # torch, polars, papermill and lipapers.core are imported inside the functions that need them, and these standard
@@ -991,7 +992,7 @@ def _parser():
     _run_opts(sub.add_parser("run", help="run a chapter once"), False)
     _run_opts(sub.add_parser("sweep", help="run a chapter over a grid of parameters"), True)
     _results_opts(sub.add_parser("results", help="complete runs' metrics as one table"))
-    _admin_cmds(sub)
+    _admin_cmds(sub); _more_cmds(sub)
     return ap
 
 # %% ../nbs/01_repro.ipynb #5645ffe2
@@ -1044,6 +1045,8 @@ def _dispatch(a)->int:
     if a.cmd == "results": return _results_cmd(a)
     if a.cmd == "runs": return _runs_cmd(a)
     if a.cmd == "clean": return _clean_cmd(a)
+    if a.cmd == "status": return _status_cmd(a)
+    if a.cmd == "compare": return _compare_cmd(a)
     if a.cmd == "repro": return repro(a.runs_dir, docs=not a.no_docs)
     if a.cmd == "lab": return lab(a.port, a.extra)
     return 2
@@ -1094,6 +1097,110 @@ def _results_cmd(a)->int:
         with pl.Config(tbl_rows=-1, tbl_cols=12, fmt_str_lengths=200, tbl_hide_column_data_types=True,
                        tbl_hide_dataframe_shape=True): print(df)
     return 0
+
+# %% ../nbs/01_repro.ipynb #9cf2c210
+def _claim_chapters()->list:
+    "Chapters with a claims file, in chapter order (chapters without a notebook, such as shared data pages, last)."
+    from lipapers.core import project_root
+    names = {f.stem for f in (project_root()/"nbs").glob("**/claims/*.yaml")}
+    try: order = list(chapters(project_root()/"nbs"))
+    except (OSError, ValueError): order = []
+    return [n for n in order if n in names] + sorted(names - set(order))
+
+# %% ../nbs/01_repro.ipynb #eaabdf17
+def _not_run(c, why:str)->dict: return dict(claim=c.id, verdict="not run", ours="—", runs="", why=why)
+
+# %% ../nbs/01_repro.ipynb #1cc118ec
+def _claim_by_claim(claims:list, frame, chapter:str)->list:
+    "When the results cannot answer every claim: each claim alone; one the results cannot answer is 'not run'."
+    from lipapers.core import status_table
+    rows, seen = [], {}
+    for c in claims:
+        try: r = status_table([c], frame, chapter).to_dicts()[0]
+        except ValueError as e: r = _not_run(c, str(e).split(": ", 1)[-1][:200])
+        failed = [x for x in c.requires if seen.get(x) != "reproduced"]
+        if r["verdict"] != "not run" and failed:
+            r |= dict(verdict="cannot discriminate", why=f"control {', '.join(failed)} not reproduced")
+        seen[c.id] = r["verdict"]; rows.append(r)
+    return rows
+
+# %% ../nbs/01_repro.ipynb #c84e6e69
+def status(chapter:str|None=None)->list:
+    "One row per claim (chapter, claim, verdict, ours, runs, why), from `load_claims` + `committed_results`."
+    from lipapers.core import load_claims, committed_results, status_table
+    names = _claim_chapters()
+    if chapter is not None and chapter not in names:
+        raise UsageError(f"no claims file for chapter {chapter!r}; chapters with claims: {', '.join(names)}")
+    rows = []
+    for n in [chapter] if chapter else names:
+        claims = load_claims(n, check_presets=False)
+        try: t = status_table(claims, committed_results(n), n).to_dicts()
+        except FileNotFoundError: t = [_not_run(c, "no committed results") for c in claims]
+        except ValueError: t = _claim_by_claim(claims, committed_results(n), n)
+        rows += [dict(chapter=n, claim=r["claim"], verdict=r["verdict"], ours=r["ours"] or "", runs=r["runs"] or "",
+                      why=r["why"] or "") for r in t]
+    return rows
+
+# %% ../nbs/01_repro.ipynb #f2537039
+def _find_runs(ids, runs=None)->list:
+    "The run folders of `ids` (full ids or unique prefixes of at least 6 characters), or a `UsageError`."
+    have = {r["run_id"]: Path(r["path"]) for r in list_runs(None, runs) if r["status"] in ("complete", "stale")}
+    out = []
+    for i in ids:
+        m = [k for k in have if k.startswith(i)] if len(i) >= 6 else [i] if i in have else []
+        if len(m) != 1:
+            shown = ", ".join(sorted(have)[:20]) + (", ..." if len(have) > 20 else "")
+            raise UsageError(f"unknown run id {i!r}; complete runs in {runs_dir(runs)}: {shown or '(none)'}")
+        out.append(have[m[0]])
+    return out
+
+# %% ../nbs/01_repro.ipynb #683b7d75
+def _final_metrics(d:Path):
+    "A run's metrics reduced to one value per (method, metric): the last step's, averaged over extra rows."
+    import polars as pl
+    df = pl.read_parquet(d/"metrics.parquet")
+    last = pl.col("step").fill_null(-1) == pl.col("step").fill_null(-1).max().over("method", "metric")
+    return df.filter(last).group_by("method", "metric", maintain_order=True).agg(pl.col("value").mean())
+
+# %% ../nbs/01_repro.ipynb #343daa65
+def compare(ids, runs=None)->tuple:
+    "The parameters that differ between runs (rows) and their final metrics side by side with differences to the first."
+    import polars as pl
+    if len(ids) < 2: raise UsageError("compare needs at least two run ids")
+    dirs = _find_runs(ids, runs)
+    ps = [json.loads((d/"params.json").read_text())["params"] for d in dirs]
+    keys = sorted({k for p in ps for k in p if len({json.dumps(q.get(k), default=str) for q in ps}) > 1})
+    params = [dict(parameter=k, **{d.name: str(p.get(k)) for d, p in zip(dirs, ps)}) for k in keys]
+    m = _final_metrics(dirs[0]).rename({"value": dirs[0].name})
+    for d in dirs[1:]:
+        m = m.join(_final_metrics(d).rename({"value": d.name}), on=["method", "metric"], how="full", coalesce=True)
+    for d in dirs[1:]: m = m.with_columns((pl.col(d.name) - pl.col(dirs[0].name)).alias(f"Δ {d.name[:6]}"))
+    return params, m
+
+# %% ../nbs/01_repro.ipynb #cc7850a5
+def _compare_cmd(a)->int:
+    params, m = compare(a.run_ids, a.runs_dir)
+    print("parameters that differ:" if params else "parameters: identical")
+    if params: print(_fmt_table(params, list(params[0])))
+    rows = [{k: (f"{v:.6g}" if isinstance(v, float) else "" if v is None else v) for k, v in r.items()}
+            for r in m.to_dicts()]
+    print("metrics (final step):"); print(_fmt_table(rows, m.columns)); return 0
+
+# %% ../nbs/01_repro.ipynb #5cf54707
+def _status_cmd(a)->int:
+    rows = status(a.chapter)
+    print(_fmt_table(rows, ["chapter", "claim", "verdict", "ours", "runs"]))
+    n = {v: sum(r["verdict"] == v for r in rows) for v in dict.fromkeys(r["verdict"] for r in rows)}
+    print(", ".join(f"{k} {v}" for k, v in n.items())); return 0
+
+# %% ../nbs/01_repro.ipynb #8cb92158
+def _more_cmds(sub):
+    "The `status` and `compare` subcommands."
+    s = sub.add_parser("status", help="every claim's verdict (claims file + committed results), across chapters")
+    s.add_argument("chapter", nargs="?", help="only this chapter")
+    c = sub.add_parser("compare", help="two or more runs: differing parameters, metrics side by side")
+    c.add_argument("run_ids", nargs="+", metavar="RUN_ID", help="run ids (or unique prefixes of 6+ characters)")
+    c.add_argument("--runs-dir", default=None, help="the runs folder (default: $LIPAPERS_RUNS, else runs/)")
 
 # %% ../nbs/01_repro.ipynb #9a30c787
 def repro(runs=None, docs:bool=True)->int:

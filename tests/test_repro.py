@@ -405,6 +405,11 @@ def test_ray_sweep_equals_local_records_a_failure_and_resumes(ray_local, tmp_pat
                     executor="ray")
     assert sorted(r.status for r in again) == ["complete", "skipped"], "resume runs only the missing point"
     assert [r.run_id for r in again if r.status == "complete"] == [gone.run_id]
+    ok = sorted((r for r in loc if r.status == "complete"), key=lambda r: r.params["n"])
+    params, m = repro.compare([r.run_id for r in ok], tmp_path / "local")
+    assert params == [dict(parameter="n", **{ok[0].run_id: "1", ok[1].run_id: "2"})]
+    assert m.columns == ["method", "metric", ok[0].run_id, ok[1].run_id, f"Δ {ok[1].run_id[:6]}"]
+    assert m.row(0) == ("toy", "value", 0.0, 2.0, 2.0), "final step: n=1 logs 0, n=2 logs 0 then 2"
 
 
 @pytest.mark.parametrize(
@@ -441,3 +446,38 @@ def test_ray_wrong_token_is_one_clear_error(ray_local, tmp_path):
     assert r.returncode == 2 and len(errs) == 1 and "RAY_AUTH_TOKEN" in errs[0], r.stderr[-2000:]
     assert errs[0] == r.stderr.strip().splitlines()[-1]
     assert not any(tmp_path.rglob("*")), "nothing ran"
+
+
+# --- status (claims machinery) and compare -------------------------------------------------------------------------
+
+
+def test_status_reads_the_claims_machinery_and_shows_not_run(monkeypatch, capsys):
+    from lipapers import core
+
+    assert repro.main(["status", "ips"]) == 0
+    out = capsys.readouterr().out
+    want = core.status_table(core.load_claims("ips", check_presets=False), core.committed_results("ips"), "ips")
+    for r in want.iter_rows(named=True):
+        assert any(line.split()[:2] == ["ips", r["claim"]] and r["verdict"] in line for line in out.splitlines()), r
+
+    def missing(ch):
+        raise FileNotFoundError(ch)
+
+    monkeypatch.setattr(core, "committed_results", missing)
+    rows = repro.status("ips")
+    assert rows and all(r["verdict"] == "not run" and r["why"] == "no committed results" for r in rows)
+    assert repro.main(["status", "nope"]) == 2
+    assert "no claims file for chapter 'nope'; chapters with claims:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["compare", "abcdef123456", "fedcba654321"], "unknown run id 'abcdef123456'; complete runs in"),
+        (["compare", "abcdef123456"], "compare needs at least two run ids"),
+    ],
+)
+def test_compare_bad_input(env, args, message, capsys):
+    assert repro.main(args) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("lipapers: error:") and message in last, last
