@@ -54,7 +54,7 @@ class Requests:
 
 # %% ../nbs/ranking/34_multislot.ipynb #b8b334f4
 def _draw(w:World, rng:np.random.Generator, n:int, N:int, pool:int=4, days:float=1.0)->Requests:
-    "`n` requests drawn with `rng`: members by activity, times in the first `days`, top N of pool·N posts (first pass)."
+    "`n` requests drawn with `rng`: members by activity, times in the first `days`, the first pass's top N of pool·N."
     c = w.cfg; P = min(pool * N, c.n_posts)
     m = rng.choice(c.n_members, n, p=w.m_act / w.m_act.sum())
     t = START_EPOCH + np.round(rng.uniform(0, min(days, c.horizon_days) * 24, n) * 3600).astype(np.int64)
@@ -355,7 +355,9 @@ def second_pass(w:World, n_impressions:int=20_000, stream:int=11, seed:int=0)->l
     from lipapers.baselines import fit_gbdt
     im = w.feed_impressions(n_impressions, stream=stream); X, names = w.feed_features(im)
     X = X[:, [names.index(f) for f in ITEM_FEATURES]]
-    return [fit_gbdt(X, im[t].to_numpy(), seed=seed, max_iter=100) for t in SECOND_PASS_TASKS]
+    rare = lambda v: min(v.sum(), len(v) - v.sum()) < 10  # early stopping's stratified split needs both classes
+    ys = [im[t].to_numpy() for t in SECOND_PASS_TASKS]
+    return [fit_gbdt(X, y, seed=seed, max_iter=100, **(dict(early_stopping=False) if rare(y) else {})) for y in ys]
 
 # %% ../nbs/ranking/34_multislot.ipynb #a6e22e69
 def second_pass_scores(models:list, cd:Candidates)->np.ndarray:
