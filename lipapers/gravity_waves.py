@@ -51,7 +51,8 @@ def check_gw_config(cfg: GWConfig) -> GWConfig:
     "Validate every knob (names and valid ranges in the message)."
     for f, lo in (("n_lat", 4), ("n_lon", 4), ("n_levels", 2), ("n_times", 20)):
         v = getattr(cfg, f)
-        if not isinstance(v, int) or isinstance(v, bool) or v < lo: raise ValueError(f"{f} must be an int ≥ {lo}, got {v!r}")
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            raise ValueError(f"{f} must be an int ≥ {lo}, got {v!r}")
     half = min(cfg.n_lat, cfg.n_lon) / 2
     if not 0 <= cfg.extent <= half:
         raise ValueError(f"extent must be in [0, {half:g}] cells (half the smaller grid side), got {cfg.extent!r}")
@@ -102,7 +103,8 @@ def relief(cfg: GWConfig, rng) -> np.ndarray:
     lat, lon, _ = grid_coords(cfg)
     h = np.zeros((cfg.n_lat, cfg.n_lon))
     for _ in range(8):
-        la, lo, a, b, amp = rng.uniform(-60, 70), rng.uniform(0, 360), rng.uniform(6, 15), rng.uniform(6, 25), rng.uniform(.5, 1.5)
+        la, lo, a = rng.uniform(-60, 70), rng.uniform(0, 360), rng.uniform(6, 15)
+        b, amp = rng.uniform(6, 25), rng.uniform(.5, 1.5)
         dl = (lon - lo + 180) % 360 - 180
         h += amp * np.exp(-(((lat[:, None] - la) / a) ** 2) - (dl[None, :] / b) ** 2)
     return h
@@ -221,7 +223,8 @@ def _ferret_path(cfg: GWConfig, name: str) -> Path:
     p = Path(cfg.data_dir or FERRET_DIR) / name
     if not p.exists():
         raise FileNotFoundError(f"forcing='coads' needs {p} from Debian's ferret-datasets (apt-get install "
-                                f"ferret-datasets), which is not installed here; use forcing='synthetic' or set data_dir")
+                                f"ferret-datasets), which is not installed here; use forcing='synthetic' or set "
+                                f"data_dir")
     return p
 
 # %% ../nbs/climate/71_gravity_waves.ipynb #2bc56c9a
@@ -256,7 +259,8 @@ def regrid(a: np.ndarray, lat: np.ndarray, lon: np.ndarray, cfg: GWConfig, name:
     for o in out:  # bands with no ocean at all: interpolate in latitude
         good = np.isfinite(o[:, 0])
         if not good.any(): raise ValueError(f"{name}: no finite value after regridding (all missing); check the file")
-        o[~good] = np.array([np.interp(np.flatnonzero(~good), np.flatnonzero(good), o[good, j]) for j in range(cfg.n_lon)]).T
+        o[~good] = np.array([np.interp(np.flatnonzero(~good), np.flatnonzero(good), o[good,
+                                                                                      j]) for j in range(cfg.n_lon)]).T
     return out.reshape(a.shape[:-2] + (cfg.n_lat, cfg.n_lon))
 
 # %% ../nbs/climate/71_gravity_waves.ipynb #118c7a8f
@@ -293,7 +297,8 @@ def split_gw(sim: GWSim, test_frac: float = 0.25, n_hot: int = 8) -> GWData:
     gap = math.ceil(math.log(0.01) / math.log(cfg.rho)) if cfg.rho > 0 else 1
     n_test = round(test_frac * (T - gap))
     n_train = T - gap - n_test
-    if n_train < 8 or n_test < 4: raise ValueError(f"n_times={T} is too short for a gap of {gap} steps; use ≥ {gap + 40}")
+    if n_train < 8 or n_test < 4:
+        raise ValueError(f"n_times={T} is too short for a gap of {gap} steps; use ≥ {gap + 40}")
     st = lambda a: (a[:n_train].mean((0, 2, 3), keepdim=True), a[:n_train].std((0, 2, 3), keepdim=True) + 1e-6)
     (xm, xs), (ym, ys) = st(sim.x), st(sim.y)
     mag = (sim.y[:n_train, : cfg.n_levels] ** 2 + sim.y[:n_train, cfg.n_levels:] ** 2).sqrt().mean((0, 1))
@@ -346,7 +351,8 @@ class ColumnRidge(nn.Module):
 # %% ../nbs/climate/71_gravity_waves.ipynb #00e8b878
 class ColumnMLP(nn.Module):
     "M1: the single-column ANN, a per-column MLP (1×1 convolutions) with LeakyReLU and dropout."
-    def __init__(self, cfg: GWConfig, hidden: int = 128, n_layers: int = 3, dropout: float = 0.0, n_in: int | None = None):
+    def __init__(self, cfg: GWConfig, hidden: int = 128, n_layers: int = 3, dropout: float = 0.0,
+                 n_in: int | None = None):
         super().__init__()
         dims, layers = [n_in or cfg.n_in] + [hidden] * n_layers, []
         for a, b in zip(dims[:-1], dims[1:]): layers += [nn.Conv2d(a, b, 1), nn.LeakyReLU(0.1), nn.Dropout(dropout)]
@@ -384,14 +390,17 @@ class AttentionGate(nn.Module):
         self.wx, self.wg = nn.Conv2d(c_x, c_int, 1), nn.Conv2d(c_g, c_int, 1)
         self.psi, self.bn, self.fixed = nn.Conv2d(c_int, 1, 1), nn.BatchNorm2d(1), None
 
-    def alpha(self, x: Tensor, g: Tensor) -> Tensor: return torch.sigmoid(self.bn(self.psi(F.relu(self.wx(x) + self.wg(g)))))
+    def alpha(self, x: Tensor,
+              g: Tensor) -> Tensor: return torch.sigmoid(self.bn(self.psi(F.relu(self.wx(x) + self.wg(g)))))
 
-    def forward(self, x: Tensor, g: Tensor) -> Tensor: return x * (self.fixed if self.fixed is not None else self.alpha(x, g))
+    def forward(self, x: Tensor,
+                g: Tensor) -> Tensor: return x * (self.fixed if self.fixed is not None else self.alpha(x, g))
 
 # %% ../nbs/climate/71_gravity_waves.ipynb #433b2ac7
 class UNet(nn.Module):
     "M3: a U-Net over the globe (periodic in lon), with attention gates on the skips when `attention`."
-    def __init__(self, cfg: GWConfig, channels: tuple = (16, 32, 64, 128), attention: bool = True, dropout: float = 0.0):
+    def __init__(self, cfg: GWConfig, channels: tuple = (16, 32, 64, 128), attention: bool = True,
+                 dropout: float = 0.0):
         super().__init__()
         n = len(channels) - 1
         if n < 1: raise ValueError(f"channels needs at least 2 widths, got {channels!r}")
@@ -401,7 +410,8 @@ class UNet(nn.Module):
         self.cfg, self.attention, ch = cfg, attention, tuple(channels)
         self.enc = nn.ModuleList([ConvBlock(a, b, dropout) for a, b in zip((cfg.n_in,) + ch[:-1], ch)])
         lv = list(range(n - 1, -1, -1))  # decoder levels, coarse to fine
-        self.up = nn.ModuleList([nn.Sequential(PConv(ch[i + 1], ch[i], 3), nn.BatchNorm2d(ch[i]), nn.ReLU()) for i in lv])
+        self.up = nn.ModuleList([nn.Sequential(PConv(ch[i + 1], ch[i], 3), nn.BatchNorm2d(ch[i]),
+                                               nn.ReLU()) for i in lv])
         self.gates = nn.ModuleList([AttentionGate(ch[i], ch[i], max(ch[i] // 2, 1)) for i in lv]) if attention else None
         self.dec = nn.ModuleList([ConvBlock(2 * ch[i], ch[i], dropout) for i in lv])
         self.head = nn.Conv2d(ch[0], cfg.n_out, 1)
@@ -419,14 +429,17 @@ class UNet(nn.Module):
 # %% ../nbs/climate/71_gravity_waves.ipynb #070b292f
 class PatchAttention(nn.Module):
     "Global attention over patch tokens, unpatched and combined with each column's inputs by a column MLP."
-    def __init__(self, cfg: GWConfig, patch: int = 4, d_model: int = 64, n_layers: int = 2, n_heads: int = 4, hidden: int = 64):
+    def __init__(self, cfg: GWConfig, patch: int = 4, d_model: int = 64, n_layers: int = 2, n_heads: int = 4,
+                 hidden: int = 64):
         super().__init__()
         if cfg.n_lat % patch or cfg.n_lon % patch:
-            raise ValueError(f"PatchAttention: n_lat and n_lon must be divisible by patch={patch}, got {cfg.n_lat} × {cfg.n_lon}")
+            raise ValueError(f"PatchAttention: n_lat and n_lon must be divisible by patch={patch}, "
+                             f"got {cfg.n_lat} × {cfg.n_lon}")
         self.cfg, self.p, self.nh, self.nw, self.k = cfg, patch, cfg.n_lat // patch, cfg.n_lon // patch, 8
         self.embed = nn.Linear(cfg.n_in * patch * patch, d_model)
         self.pos = nn.Parameter(0.02 * torch.randn(1, self.nh * self.nw, d_model))
-        layer = nn.TransformerEncoderLayer(d_model, n_heads, 2 * d_model, dropout=0.0, batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(d_model, n_heads, 2 * d_model, dropout=0.0, batch_first=True,
+                                           norm_first=True)
         self.enc = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
         self.unpatch = nn.Linear(d_model, self.k * patch * patch)
         self.head = ColumnMLP(cfg, hidden, 2, n_in=cfg.n_in + self.k)
@@ -446,7 +459,8 @@ def train_gw(model: nn.Module, data: GWData, epochs: int = 10, batch: int = 8, l
     "Adam + CyclicLR on the standardised MSE over training globes (closed form for ColumnRidge)."
     if not (isinstance(epochs, int) and epochs >= 1): raise ValueError(f"epochs must be an int ≥ 1, got {epochs!r}")
     if not (isinstance(batch, int) and batch >= 1): raise ValueError(f"batch must be an int ≥ 1, got {batch!r}")
-    if len(lr) != 2 or not 0 < lr[0] <= lr[1]: raise ValueError(f"lr must be (base, max) with 0 < base ≤ max, got {lr!r}")
+    if len(lr) != 2 or not 0 < lr[0] <= lr[1]:
+        raise ValueError(f"lr must be (base, max) with 0 < base ≤ max, got {lr!r}")
     check_input(data.x_train[:1], model.cfg, f"train_gw({type(model).__name__})")
     t0 = time.perf_counter()
     if isinstance(model, ColumnRidge):
@@ -516,7 +530,8 @@ def flops_per_sample(model: nn.Module, cfg: GWConfig) -> float:
     def mha(m, i, o): B, n, d = i[0].shape; tot[0] += B * (4 * n * d * d + 2 * n * n * d)  # q,k,v,out + QKᵀ, AV
     m2 = copy.deepcopy(model).train()  # train mode: no fused fast path, every sub-module is called
     kinds = ((nn.Conv2d, conv), (nn.Linear, lin), (nn.MultiheadAttention, mha))
-    hs = [m.register_forward_hook(f) for m in m2.modules() for k, f in kinds if type(m) is k or (k is nn.Conv2d and isinstance(m, k))]
+    hs = [m.register_forward_hook(f) for m in m2.modules() for k,
+          f in kinds if type(m) is k or (k is nn.Conv2d and isinstance(m, k))]
     with torch.no_grad(): m2(torch.zeros(1, cfg.n_in, cfg.n_lat, cfg.n_lon))
     for h in hs: h.remove()
     return 2.0 * tot[0]
@@ -549,7 +564,8 @@ def _rows(name: str, ev: GWEval, log: TrainLog, model: nn.Module, cfg: GWConfig,
              for k, v in enumerate(getattr(ev, m))]
     n_par = sum(p.numel() for p in model.parameters())
     sec = log.seconds / (1 if isinstance(model, ColumnRidge) else epochs)
-    return rows + [dict(b, metric="params", value=float(n_par)), dict(b, metric="flops", value=flops_per_sample(model, cfg)),
+    return rows + [dict(b, metric="params", value=float(n_par)),
+                   dict(b, metric="flops", value=flops_per_sample(model, cfg)),
                    dict(b, metric="sec_epoch", value=sec, unit="s")]
 
 # %% ../nbs/climate/71_gravity_waves.ipynb #28337d25
@@ -558,10 +574,12 @@ def _gains(df: pl.DataFrame) -> pl.DataFrame:
     lv = df.filter(pl.col("metric") == "nmse_level")
     if "mlp" not in lv["method"].to_list(): return df
     ref = lv.filter(pl.col("method") == "mlp").select("level", ref="value")
-    g = lv.join(ref, on="level").with_columns(metric=pl.lit("gain"), value=100 * (1 - pl.col("value") / pl.col("ref"))).drop("ref")
+    g = lv.join(ref, on="level").with_columns(metric=pl.lit("gain"),
+                                              value=100 * (1 - pl.col("value") / pl.col("ref"))).drop("ref")
     top, L = g.filter(pl.col("level") == g["level"].max()), g["level"].max()
     tb = top.join(g.filter(pl.col("level") == 0).select("method", bot="value"), on="method")
-    tb = tb.with_columns(metric=pl.lit("gain_top_minus_bottom"), value=pl.col("value") - pl.col("bot")).drop("bot", "level")
+    tb = tb.with_columns(metric=pl.lit("gain_top_minus_bottom"), value=pl.col("value") - pl.col("bot")).drop("bot",
+                                                                                                             "level")
     return pl.concat([df, g, tb], how="diagonal_relaxed")
 
 # %% ../nbs/climate/71_gravity_waves.ipynb #75ac7b3e
