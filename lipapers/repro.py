@@ -674,15 +674,14 @@ def _describe_error(final:Path)->str:
 
 # %% ../nbs/01_repro.ipynb #945db967
 class _Progress:
-    "Progress lines for runs: rewritten in place on a terminal, at most every 15 s otherwise (logs, CI)."
+    "A progress line for runs, rewritten in place on a terminal; nothing when the output is not a terminal (logs, CI)."
     def __init__(self, out=None): self.out, self.last, self.state = out or sys.stderr, 0.0, {}
     def __call__(self, key:str, p:dict):
         self.state[key] = (f"{key} cell {p['cell']} ({p['done']}/{p['total']} code cells) `{p['source'][:40]}` "
                            f"{time.time() - p['run_started']:.0f}s")
-        tty = self.out.isatty()
-        if not tty and time.time() - self.last < 15: return
+        if not self.out.isatty(): return
         self.last = time.time(); line = " | ".join(self.state.values())
-        self.out.write(f"\r\x1b[K{line[:160]}" if tty else line + "\n"); self.out.flush()
+        self.out.write(f"\r\x1b[K{line[:160]}"); self.out.flush()
     def done(self, key:str):
         self.state.pop(key, None)
         if self.out.isatty(): self.out.write("\r\x1b[K"); self.out.flush()
@@ -995,6 +994,31 @@ def _parser():
     _admin_cmds(sub); _more_cmds(sub)
     return ap
 
+# %% ../nbs/01_repro.ipynb #8cb92158
+def _more_cmds(sub):
+    "The `status` and `compare` subcommands."
+    s = sub.add_parser("status", help="every claim's verdict (claims file + committed results), across chapters")
+    s.add_argument("chapter", nargs="?", help="only this chapter")
+    c = sub.add_parser("compare", help="two or more runs: differing parameters, metrics side by side")
+    c.add_argument("run_ids", nargs="+", metavar="RUN_ID", help="run ids (or unique prefixes of 6+ characters)")
+    c.add_argument("--runs-dir", default=None, help="the runs folder (default: $LIPAPERS_RUNS, else runs/)")
+
+# %% ../nbs/01_repro.ipynb #cc7850a5
+def _compare_cmd(a)->int:
+    params, m = compare(a.run_ids, a.runs_dir)
+    print("parameters that differ:" if params else "parameters: identical")
+    if params: print(_fmt_table(params, list(params[0])))
+    rows = [{k: (f"{v:.6g}" if isinstance(v, float) else "" if v is None else v) for k, v in r.items()}
+            for r in m.to_dicts()]
+    print("metrics (final step):"); print(_fmt_table(rows, m.columns)); return 0
+
+# %% ../nbs/01_repro.ipynb #5cf54707
+def _status_cmd(a)->int:
+    rows = status(a.chapter)
+    print(_fmt_table(rows, ["chapter", "claim", "verdict", "ours", "runs"]))
+    n = {v: sum(r["verdict"] == v for r in rows) for v in dict.fromkeys(r["verdict"] for r in rows)}
+    print(", ".join(f"{k} {v}" for k, v in n.items())); return 0
+
 # %% ../nbs/01_repro.ipynb #5645ffe2
 def _results_opts(r):
     r.add_argument("chapter", nargs="?", help="only this chapter")
@@ -1177,40 +1201,18 @@ def compare(ids, runs=None)->tuple:
     for d in dirs[1:]: m = m.with_columns((pl.col(d.name) - pl.col(dirs[0].name)).alias(f"Δ {d.name[:6]}"))
     return params, m
 
-# %% ../nbs/01_repro.ipynb #cc7850a5
-def _compare_cmd(a)->int:
-    params, m = compare(a.run_ids, a.runs_dir)
-    print("parameters that differ:" if params else "parameters: identical")
-    if params: print(_fmt_table(params, list(params[0])))
-    rows = [{k: (f"{v:.6g}" if isinstance(v, float) else "" if v is None else v) for k, v in r.items()}
-            for r in m.to_dicts()]
-    print("metrics (final step):"); print(_fmt_table(rows, m.columns)); return 0
-
-# %% ../nbs/01_repro.ipynb #5cf54707
-def _status_cmd(a)->int:
-    rows = status(a.chapter)
-    print(_fmt_table(rows, ["chapter", "claim", "verdict", "ours", "runs"]))
-    n = {v: sum(r["verdict"] == v for r in rows) for v in dict.fromkeys(r["verdict"] for r in rows)}
-    print(", ".join(f"{k} {v}" for k, v in n.items())); return 0
-
-# %% ../nbs/01_repro.ipynb #8cb92158
-def _more_cmds(sub):
-    "The `status` and `compare` subcommands."
-    s = sub.add_parser("status", help="every claim's verdict (claims file + committed results), across chapters")
-    s.add_argument("chapter", nargs="?", help="only this chapter")
-    c = sub.add_parser("compare", help="two or more runs: differing parameters, metrics side by side")
-    c.add_argument("run_ids", nargs="+", metavar="RUN_ID", help="run ids (or unique prefixes of 6+ characters)")
-    c.add_argument("--runs-dir", default=None, help="the runs folder (default: $LIPAPERS_RUNS, else runs/)")
-
 # %% ../nbs/01_repro.ipynb #9a30c787
 def repro(runs=None, docs:bool=True)->int:
     "Run every chapter's default preset, gather results, build the docs."
     chs, root, failed = chapters(), runs_dir(runs), []
-    est = sum(max([_run_info(d).get("seconds", 0) for d in (root/n/"tiny").glob("[0-9a-f]*")] or [0]) for n in chs)
+    secs = {n: max([_run_info(d).get("seconds", 0) for d in (root/n/"tiny").glob("[0-9a-f]*")] or [0]) for n in chs}
+    est, tty = sum(secs.values()), sys.stderr.isatty()
     print(f"lipapers repro: {len(chs)} chapters at their default preset into {root}"
           + (f"; about {est/60:.0f} min from the last runs" if est else ""), flush=True)
     for i, (name, ch) in enumerate(chs.items(), 1):
-        print(f"[{i}/{len(chs)}] {name} ...", flush=True)
+        left = sum(list(secs.values())[i - 1:])  # earlier runs' durations of this and the remaining chapters
+        if tty: print(f"[{i}/{len(chs)}] {name}: {len(chs) - i} left after it" + (f", about {left/60:.0f} min to go"
+                                                                                  if left else ""), file=sys.stderr)
         r = execute(ch, "tiny", resolve(ch, "tiny"), root, on_progress=(lambda p, n=name, pr=_Progress(): pr(n, p)))
         print(f"[{i}/{len(chs)}] {name:<12} {r.status:<9} {r.seconds:7.1f}s  {r.path}"
               + (f"\n  {r.error}" if r.error else ""), flush=True)
