@@ -14,8 +14,8 @@ from . import __version__
 __all__ = ['UsageError', 'Param', 'Preset', 'Chapter', 'parse_check', 'parse_params_cell', 'parse_value', 'check_value',
            'nbs_dir', 'runs_dir', 'read_chapter', 'read_preset', 'chapters', 'get_chapter', 'resolve', 'overrides_of',
            'run_id', 'parse_grid', 'RunResult', 'is_complete', 'code_version', 'default_timeout', 'execute', 'run',
-           'sweep', 'ray_connect', 'remote_run', 'results', 'list_runs', 'clean', 'main', 'status', 'compare', 'repro',
-           'lab']
+           'sweep', 'ray_connect', 'remote_run', 'results', 'list_runs', 'clean', 'main', 'status', 'compare',
+           'sweep_frame', 'plot', 'repro', 'lab']
 
 # %% ../nbs/01_repro.ipynb #01bb78af
 # torch, polars, papermill and lipapers.core are imported inside the functions that need them, and these standard
@@ -713,7 +713,8 @@ def sweep(chapter:str, grid, preset:str="tiny", overrides=(), jobs:int=1, runs:s
     points = [resolve(ch, preset, list(overrides) + pt) for pt in parse_grid(ch, grid)]
     root = runs_dir(runs)
     from tqdm.auto import tqdm
-    with tqdm(total=len(points), desc=f"sweep {chapter}", disable=not progress, file=sys.stderr) as bar:
+    with tqdm(total=len(points), desc=f"sweep {chapter}", disable=not (progress and sys.stderr.isatty()),
+              file=sys.stderr) as bar:
         if executor == "ray": return _ray_sweep(ch, preset, points, root, force, timeout, address, bar)
         return _local_sweep(ch, preset, points, root, force, timeout, jobs, bar)
 
@@ -991,7 +992,7 @@ def _parser():
     _run_opts(sub.add_parser("run", help="run a chapter once"), False)
     _run_opts(sub.add_parser("sweep", help="run a chapter over a grid of parameters"), True)
     _results_opts(sub.add_parser("results", help="complete runs' metrics as one table"))
-    _admin_cmds(sub); _more_cmds(sub)
+    _admin_cmds(sub); _more_cmds(sub); _plot_opts(sub)
     return ap
 
 # %% ../nbs/01_repro.ipynb #8cb92158
@@ -1002,6 +1003,22 @@ def _more_cmds(sub):
     c = sub.add_parser("compare", help="two or more runs: differing parameters, metrics side by side")
     c.add_argument("run_ids", nargs="+", metavar="RUN_ID", help="run ids (or unique prefixes of 6+ characters)")
     c.add_argument("--runs-dir", default=None, help="the runs folder (default: $LIPAPERS_RUNS, else runs/)")
+
+# %% ../nbs/01_repro.ipynb #6e9821d9
+def _plot_cmd(a)->int:
+    out = plot(a.chapter, a.x, a.y, a.by, a.preset, a.output, a.runs_dir)
+    print(f"{out}  (plotly.min.js beside it; open the file in a browser)"); return 0
+
+# %% ../nbs/01_repro.ipynb #9fa8f49e
+def _plot_opts(sub):
+    p = sub.add_parser("plot", help="a sweep as mean ± interval over runs, into a standalone HTML file")
+    p.add_argument("chapter", help="chapter name")
+    p.add_argument("--x", required=True, metavar="PARAM", help="the parameter on the x axis")
+    p.add_argument("--y", required=True, metavar="METRIC", help="the metric on the y axis (its final step)")
+    p.add_argument("--by", default=None, metavar="COLUMN", help="one line per value of this parameter or column")
+    p.add_argument("--preset", default=None, help="only runs of this preset")
+    p.add_argument("-o", "--output", default=None, metavar="FILE.html", help="default: CHAPTER-Y-vs-X.html here")
+    p.add_argument("--runs-dir", default=None, help="the runs folder (default: $LIPAPERS_RUNS, else runs/)")
 
 # %% ../nbs/01_repro.ipynb #cc7850a5
 def _compare_cmd(a)->int:
@@ -1071,6 +1088,7 @@ def _dispatch(a)->int:
     if a.cmd == "clean": return _clean_cmd(a)
     if a.cmd == "status": return _status_cmd(a)
     if a.cmd == "compare": return _compare_cmd(a)
+    if a.cmd == "plot": return _plot_cmd(a)
     if a.cmd == "repro": return repro(a.runs_dir, docs=not a.no_docs)
     if a.cmd == "lab": return lab(a.port, a.extra)
     return 2
@@ -1200,6 +1218,54 @@ def compare(ids, runs=None)->tuple:
         m = m.join(_final_metrics(d).rename({"value": d.name}), on=["method", "metric"], how="full", coalesce=True)
     for d in dirs[1:]: m = m.with_columns((pl.col(d.name) - pl.col(dirs[0].name)).alias(f"Δ {d.name[:6]}"))
     return params, m
+
+# %% ../nbs/01_repro.ipynb #5098b2f2
+def _pick(name:str, cols:list, what:str)->str:
+    "The results column for a parameter or column `name` (`p_<name>` first), or a `UsageError` naming the choices."
+    for c in (f"p_{name}", name):
+        if c in cols: return c
+    valid = sorted({c[2:] for c in cols if c.startswith("p_")} | {"method"} & set(cols))
+    raise UsageError(f"unknown {what} {name!r}; valid: {', '.join(valid)}")
+
+# %% ../nbs/01_repro.ipynb #33e63be6
+def sweep_frame(chapter:str, x:str, y:str, by:str|None=None, preset:str|None=None, runs=None):
+    "Mean, interval and n of metric `y`'s final value per (`by`, `x`) over a chapter's complete runs."
+    import polars as pl
+    from lipapers.core import paired_stats
+    df = results(chapter, runs)
+    if preset is not None:
+        if preset not in df["preset"].unique().to_list():
+            have = ", ".join(sorted(df["preset"].unique()))
+            raise UsageError(f"no runs of preset {preset!r}; presets with runs: {have}")
+        df = df.filter(pl.col("preset") == preset)
+    if y not in df["metric"].unique().to_list():
+        raise UsageError(f"unknown metric {y!r}; valid: {', '.join(sorted(df['metric'].unique()))}")
+    xc, bc = _pick(x, df.columns, "parameter"), _pick(by, df.columns, "column") if by else None
+    d = df.filter(pl.col("metric") == y); keys = ["run_id", "method"]
+    d = d.filter(pl.col("step").fill_null(-1) == pl.col("step").fill_null(-1).max().over(keys))
+    d = d.group_by(keys + [xc] + ([bc] if bc and bc not in keys else [])).agg(pl.col("value").mean())
+    g = d.group_by(([bc] if bc else []) + [xc], maintain_order=True).agg(pl.col("value"))
+    stats = [paired_stats(v.to_list()) for v in g["value"]]
+    return g.drop("value").with_columns(mean=pl.Series([s.mean for s in stats]), lo=pl.Series([s.lo for s in stats]),
+                                        hi=pl.Series([s.hi for s in stats]), n=pl.Series([s.n for s in stats])
+                                        ).sort(([bc] if bc else []) + [xc])
+
+# %% ../nbs/01_repro.ipynb #b5191f33
+def plot(chapter:str, x:str, y:str, by:str|None=None, preset:str|None=None, out=None, runs=None)->Path:
+    "Draw `sweep_frame` as mean ± interval lines into a standalone HTML file (plotly.min.js beside it); its path."
+    import plotly.graph_objects as go
+    f = sweep_frame(chapter, x, y, by, preset, runs); xc = f.columns[1 if by else 0]
+    fig = go.Figure()
+    for key, part in (f.group_by(f.columns[0], maintain_order=True) if by else [((None,), f)]):
+        err = dict(type="data", array=(part["hi"] - part["mean"]).fill_nan(None).to_list(),
+                   arrayminus=(part["mean"] - part["lo"]).fill_nan(None).to_list())
+        fig.add_trace(go.Scatter(x=part[xc].to_list(), y=part["mean"].to_list(), error_y=err, mode="lines+markers",
+                                 name=f"{by}={key[0]}" if by else y, customdata=part["n"].to_list(),
+                                 hovertemplate="%{x}: %{y:.4g} (n=%{customdata})"))
+    fig.update_layout(title=f"{chapter}: {y} vs {x} (mean, 95% interval over runs)", xaxis_title=x, yaxis_title=y)
+    out = Path(out or f"{chapter}-{y}-vs-{x}.html".replace("/", "_"))
+    out.parent.mkdir(parents=True, exist_ok=True); fig.write_html(out, include_plotlyjs="directory")
+    return out
 
 # %% ../nbs/01_repro.ipynb #9a30c787
 def repro(runs=None, docs:bool=True)->int:

@@ -410,6 +410,15 @@ def test_ray_sweep_equals_local_records_a_failure_and_resumes(ray_local, tmp_pat
     assert params == [dict(parameter="n", **{ok[0].run_id: "1", ok[1].run_id: "2"})]
     assert m.columns == ["method", "metric", ok[0].run_id, ok[1].run_id, f"Δ {ok[1].run_id[:6]}"]
     assert m.row(0) == ("toy", "value", 0.0, 2.0, 2.0), "final step: n=1 logs 0, n=2 logs 0 then 2"
+    out = repro.plot("toy", "n", "value", by="label", runs=tmp_path / "local", out=tmp_path / "fig" / "p.html")
+    html = out.read_text()
+    assert (out.parent / "plotly.min.js").exists() and 'src="plotly.min.js"' in html and "cdn" not in html
+    assert repro.sweep_frame("toy", "n", "value", runs=tmp_path / "local")["mean"].to_list() == [0.0, 2.0]
+    for args, msg in ((["--y", "loss"], "unknown metric 'loss'; valid: value"),
+                      (["--y", "value", "--by", "seed"], "unknown column 'seed'; valid: fail, label, method, n, sleep")):
+        e = dict(LIPAPERS_NBS=str(FIXTURES), LIPAPERS_RUNS=str(tmp_path / "local"))
+        r = cli("plot", "toy", "--x", "n", *args, env_vars=e, timeout=120)
+        assert r.returncode == 2 and r.stderr.strip() == f"lipapers: error: {msg}", r.stderr
 
 
 @pytest.mark.parametrize(
