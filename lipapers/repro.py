@@ -15,7 +15,7 @@ __all__ = ['UsageError', 'Param', 'Preset', 'Chapter', 'parse_check', 'parse_par
            'nbs_dir', 'runs_dir', 'read_chapter', 'read_preset', 'chapters', 'get_chapter', 'resolve', 'overrides_of',
            'run_id', 'parse_grid', 'RunResult', 'is_complete', 'code_version', 'default_timeout', 'execute', 'run',
            'sweep', 'ray_connect', 'remote_run', 'results', 'list_runs', 'clean', 'main', 'status', 'compare',
-           'sweep_frame', 'plot', 'repro', 'lab']
+           'sweep_frame', 'plot', 'cache_entries', 'cache_clear', 'repro', 'lab']
 
 # %% ../nbs/01_repro.ipynb #01bb78af
 # torch, polars, papermill and lipapers.core are imported inside the functions that need them, and these standard
@@ -1019,6 +1019,19 @@ def _plot_opts(sub):
     p.add_argument("--preset", default=None, help="only runs of this preset")
     p.add_argument("-o", "--output", default=None, metavar="FILE.html", help="default: CHAPTER-Y-vs-X.html here")
     p.add_argument("--runs-dir", default=None, help="the runs folder (default: $LIPAPERS_RUNS, else runs/)")
+    c = sub.add_parser("cache", help="built artefacts (LMs, converted checkpoints, derived data): list or clear one")
+    c.add_argument("action", nargs="?", choices=("list", "clear"), default="list", help="list (default) or clear")
+    c.add_argument("name", nargs="?", help="the entry to clear (kind/name, or a unique prefix)")
+
+# %% ../nbs/01_repro.ipynb #0b6a2a46
+def _cache_cmd(a)->int:
+    if a.action == "clear":
+        if not a.name: raise UsageError("cache clear needs NAME (see `lipapers cache list`)")
+        print(f"removed {cache_clear(a.name)}"); return 0
+    if a.name: raise UsageError("cache list takes no NAME")
+    rows = cache_entries()
+    print(_fmt_table(rows, ["name", "size_mb", "build_s", "built", "checksum"]) if rows else "(cache is empty)")
+    return 0
 
 # %% ../nbs/01_repro.ipynb #cc7850a5
 def _compare_cmd(a)->int:
@@ -1089,6 +1102,7 @@ def _dispatch(a)->int:
     if a.cmd == "status": return _status_cmd(a)
     if a.cmd == "compare": return _compare_cmd(a)
     if a.cmd == "plot": return _plot_cmd(a)
+    if a.cmd == "cache": return _cache_cmd(a)
     if a.cmd == "repro": return repro(a.runs_dir, docs=not a.no_docs)
     if a.cmd == "lab": return lab(a.port, a.extra)
     return 2
@@ -1266,6 +1280,44 @@ def plot(chapter:str, x:str, y:str, by:str|None=None, preset:str|None=None, out=
     out = Path(out or f"{chapter}-{y}-vs-{x}.html".replace("/", "_"))
     out.parent.mkdir(parents=True, exist_ok=True); fig.write_html(out, include_plotlyjs="directory")
     return out
+
+# %% ../nbs/01_repro.ipynb #06d65130
+def _verify(d:Path)->str:
+    "'ok' when the folder's files are exactly those of its MANIFEST.json with matching sha256, else why not."
+    try: man = json.loads((d/"MANIFEST.json").read_text())
+    except FileNotFoundError: return "no manifest"
+    except (OSError, ValueError): return "corrupt (unreadable manifest)"
+    files = {str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and p.name != "MANIFEST.json"}
+    sha = lambda f: hashlib.sha256((d/f).read_bytes()).hexdigest()
+    return "ok" if files == set(man) and all(sha(f) == h for f, h in man.items()) else "corrupt (checksums differ)"
+
+# %% ../nbs/01_repro.ipynb #0ad8ed12
+def cache_entries(check:bool=True)->list:
+    "Every built artefact in the cache folder: name (`kind/name`), size, build seconds, when built, checksum status."
+    from lipapers.core import cache_dir
+    out = []
+    for d in sorted(p for p in cache_dir().glob("*/*") if p.is_dir() and not p.name.startswith(".")):
+        try: info = json.loads((d/"info.json").read_text())
+        except (OSError, ValueError): info = {}
+        size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+        out.append(dict(name=f"{d.parent.name}/{d.name}", size_mb=round(size / 2**20, 1),
+                        build_s=round(info["build_seconds"]) if "build_seconds" in info else "",
+                        built=time.strftime("%Y-%m-%d %H:%M", time.localtime(d.stat().st_mtime)),
+                        checksum=_verify(d) if check else "", path=str(d)))
+    return out
+
+# %% ../nbs/01_repro.ipynb #6b09cae8
+def cache_clear(name:str, wait:float=600.0)->Path:
+    "Remove one artefact (`kind/name` or a unique prefix) under its builder's file lock; its path."
+    from filelock import FileLock, Timeout
+    have = {e["name"]: Path(e["path"]) for e in cache_entries(check=False)}
+    m = [n for n in have if n == name] or [n for n in have if n.startswith(name)]
+    if len(m) != 1: raise UsageError(f"unknown cache entry {name!r}; entries: {', '.join(have) or '(none)'}")
+    d = have[m[0]]
+    try:
+        with FileLock(str(d.parent/f"{d.name}.lock"), timeout=wait): shutil.rmtree(d)
+    except Timeout: raise UsageError(f"{m[0]} is being built (its lock is held); try again later") from None
+    return d
 
 # %% ../nbs/01_repro.ipynb #9a30c787
 def repro(runs=None, docs:bool=True)->int:

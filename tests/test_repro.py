@@ -490,3 +490,36 @@ def test_compare_bad_input(env, args, message, capsys):
     assert repro.main(args) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("lipapers: error:") and message in last, last
+
+
+def test_cache_list_checksums_and_clear_under_the_builders_lock(tmp_path, monkeypatch, capsys):
+    import hashlib
+    import threading
+
+    from filelock import FileLock
+
+    monkeypatch.setenv("LIPAPERS_CACHE", str(tmp_path))
+    for name, corrupt in (("tiny-aaaa", False), ("tiny-bbbb", True)):
+        d = tmp_path / "lm" / name
+        d.mkdir(parents=True)
+        (d / "model.bin").write_bytes(b"weights")
+        (d / "info.json").write_text(json.dumps({"build_seconds": 12.4}))
+        man = {f: hashlib.sha256((d / f).read_bytes()).hexdigest() for f in ("model.bin", "info.json")}
+        (d / "MANIFEST.json").write_text(json.dumps(man))
+        if corrupt:
+            (d / "model.bin").write_bytes(b"changed")
+    rows = {r["name"]: r for r in repro.cache_entries()}
+    assert rows["lm/tiny-aaaa"]["checksum"] == "ok" and rows["lm/tiny-aaaa"]["build_s"] == 12
+    assert rows["lm/tiny-bbbb"]["checksum"].startswith("corrupt")
+    assert repro.main(["cache", "clear", "lm/nope"]) == 2
+    assert "unknown cache entry 'lm/nope'; entries: lm/tiny-aaaa, lm/tiny-bbbb" in capsys.readouterr().err
+    lock = FileLock(str(tmp_path / "lm" / "tiny-aaaa.lock"))
+    lock.acquire()  # a builder is at work
+    t = threading.Thread(target=repro.cache_clear, args=("lm/tiny-a",), daemon=True)
+    t.start()
+    t.join(1.5)
+    assert t.is_alive() and (tmp_path / "lm" / "tiny-aaaa").exists(), "clear waits for the builder's lock"
+    lock.release()
+    t.join(30)
+    assert not t.is_alive() and not (tmp_path / "lm" / "tiny-aaaa").exists()
+    assert repro.main(["cache"]) == 0 and "lm/tiny-bbbb" in capsys.readouterr().out
