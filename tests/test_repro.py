@@ -523,3 +523,44 @@ def test_cache_list_checksums_and_clear_under_the_builders_lock(tmp_path, monkey
     t.join(30)
     assert not t.is_alive() and not (tmp_path / "lm" / "tiny-aaaa").exists()
     assert repro.main(["cache"]) == 0 and "lm/tiny-bbbb" in capsys.readouterr().out
+
+
+def _worker_processes():
+    """Processes whose working folder is a Ray worker's private run folder (the notebook's kernel runs there)."""
+    found = []
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            if "lipapers-worker-" in os.readlink(d / "cwd"):
+                found.append(d.name)
+        except OSError:
+            pass
+    return found
+
+
+def test_ray_ctrl_c_cancels_remote_runs_and_their_kernels(ray_local, tmp_path, monkeypatch):
+    import ctypes
+    import threading
+
+    monkeypatch.setenv("LIPAPERS_NBS", str(FIXTURES))
+    out = {}
+
+    def go():
+        try:
+            repro.sweep("toy", ["n=3,4"], overrides=["sleep=20"], runs=tmp_path, progress=False, executor="ray")
+        except KeyboardInterrupt:
+            out["interrupted"] = True
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    deadline = time.time() + 240
+    while time.time() < deadline and len(_worker_processes()) < 2:  # both notebooks' kernels are running
+        time.sleep(0.5)
+    assert _worker_processes(), "the remote notebooks never started"
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(t.ident), ctypes.py_object(KeyboardInterrupt))  # Ctrl-C
+    t.join(60)
+    assert not t.is_alive() and out.get("interrupted"), "the sweep stops on Ctrl-C"
+    deadline = time.time() + 60
+    while time.time() < deadline and _worker_processes():
+        time.sleep(0.5)
+    assert not _worker_processes(), "cancelled runs leave no notebook process or kernel behind"
+    assert not any(repro.is_complete(d) for d in tmp_path.glob("toy/tiny/*")), "a cancelled run is never complete"
