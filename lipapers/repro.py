@@ -809,7 +809,10 @@ def _untar(data:bytes, d:Path):
 def remote_run(nb_text:str, rel:str, preset:str, params:dict, over:dict, code:str, rid:str, timeout:float)->dict:
     ("On a worker: run one point in a private temporary folder with the local child process, seal it, and return "
      "it as a tar archive with its exit code and seconds.")
-    base = Path(tempfile.mkdtemp(prefix="lipapers-worker-"))
+    for old in Path(tempfile.gettempdir()).glob("lipapers-worker-*-*"):  # left by a worker killed on cancel
+        pid = old.name.split("-")[2]
+        if pid.isdigit() and not _pid_alive(int(pid)): shutil.rmtree(old, ignore_errors=True)
+    base = Path(tempfile.mkdtemp(prefix=f"lipapers-worker-{os.getpid()}-"))
     try:
         nb = base/"nbs"/rel; nb.parent.mkdir(parents=True); nb.write_text(nb_text)
         ch = read_chapter(nb); mine = code_version(ch); root = base/"runs"
