@@ -666,7 +666,7 @@ PRETRAINED:dict[str, PretrainedSpec] = {
     "tiny": PretrainedSpec(TINY, TINY_TRAIN),
     "small": PretrainedSpec(SMALL, SMALL_TRAIN, task_frac=0.25, n_task_examples=100_000, families=_STRING),
     "small-sft": PretrainedSpec(None, SFT_TRAIN, parent="small", sft=True, n_task_examples=150_000,
-                                families=_STRING + ("recommend",), weights=(3, 2, 1, 1, 1, 0.25), threads=2),
+                                families=_STRING + ("recommend",), weights=(3, 2, 1, 1, 1, 0.25)),
 }
 _TASKS_VERSION = 1
 
