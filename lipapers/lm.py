@@ -887,6 +887,8 @@ def _decode_hf_cache(model, ids, am, n, ctx):
                     use_cache=True)
 
 # %% ../nbs/03_lm.ipynb #8499b433
+def _ours(model): return isinstance(model, LM) or hasattr(model, "rope_cos")  # also `LM` of a re-executed notebook
+
 @torch.no_grad()
 def sample(model:nn.Module, # `LM` or transformers causal LM
            input_ids:torch.Tensor, # (B, T0) prompt ids; rows of different lengths are LEFT-padded (see attention_mask)
@@ -909,8 +911,7 @@ def sample(model:nn.Module, # `LM` or transformers causal LM
         raise ValueError(f"attention_mask {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
     ctx = max_context or getattr(getattr(model, "cfg", None), "max_seq_len", None)
     fits = ctx is None or input_ids.shape[1] + max_new_tokens <= ctx
-    step = (_decode_nocache if not (use_cache and fits) else _decode_lm_cache if isinstance(model,
-                                                                                            LM) else _decode_hf_cache)
+    step = (_decode_nocache if not (use_cache and fits) else _decode_lm_cache if _ours(model) else _decode_hf_cache)
     return _run_decoder(model, step, input_ids, attention_mask, max_new_tokens, ctx, temperature, top_k, generator,
                         eos_token_id)
 
