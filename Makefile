@@ -4,7 +4,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lipapers-installed
-APT_PKGS := chromium dataset-fashion-mnist
+APT_PKGS := chromium dataset-fashion-mnist ferret-datasets
 NPM_ASSETS := @jupyter-widgets/html-manager@1.0.15:html-manager mathjax@3.2.2:mathjax
 export TRITON_INTERPRET ?= 1
 # plotly figures are stored as their JSON mimetype only (no 3 MB of plotly.js per notebook); the docs draw them
