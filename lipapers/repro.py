@@ -1169,20 +1169,6 @@ def _claim_chapters()->list:
 # %% ../nbs/01_repro.ipynb #eaabdf17
 def _not_run(c, why:str)->dict: return dict(claim=c.id, verdict="not run", ours="—", runs="", why=why)
 
-# %% ../nbs/01_repro.ipynb #1cc118ec
-def _claim_by_claim(claims:list, frame, chapter:str)->list:
-    "When the results cannot answer every claim: each claim alone; one the results cannot answer is 'not run'."
-    from lipapers.core import status_table
-    rows, seen = [], {}
-    for c in claims:
-        try: r = status_table([c], frame, chapter).to_dicts()[0]
-        except ValueError as e: r = _not_run(c, str(e).split(": ", 1)[-1][:200])
-        failed = [x for x in c.requires if seen.get(x) != "reproduced"]
-        if r["verdict"] != "not run" and failed:
-            r |= dict(verdict="cannot discriminate", why=f"control {', '.join(failed)} not reproduced")
-        seen[c.id] = r["verdict"]; rows.append(r)
-    return rows
-
 # %% ../nbs/01_repro.ipynb #c84e6e69
 def status(chapter:str|None=None)->list:
     "One row per claim (chapter, claim, verdict, ours, runs, why), from `load_claims` + `committed_results`."
@@ -1195,7 +1181,7 @@ def status(chapter:str|None=None)->list:
         claims = load_claims(n, check_presets=False)
         try: t = status_table(claims, committed_results(n), n).to_dicts()
         except FileNotFoundError: t = [_not_run(c, "no committed results") for c in claims]
-        except ValueError: t = _claim_by_claim(claims, committed_results(n), n)
+        except ValueError as e: raise UsageError(str(e)) from None  # a broken claim is a defect, never 'not run'
         rows += [dict(chapter=n, claim=r["claim"], verdict=r["verdict"], ours=r["ours"] or "", runs=r["runs"] or "",
                       why=r["why"] or "") for r in t]
     return rows

@@ -479,6 +479,17 @@ def test_status_reads_the_claims_machinery_and_shows_not_run(monkeypatch, capsys
     assert "no claims file for chapter 'nope'; chapters with claims:" in capsys.readouterr().err
 
 
+def test_status_reports_a_broken_claim_as_an_error_not_as_not_run(monkeypatch, capsys):
+    import dataclasses
+    from lipapers import core
+
+    good = core.load_claims("ips", check_presets=False)
+    broken = [dataclasses.replace(good[0], metric="no_such_metric")] + good[1:]
+    monkeypatch.setattr(core, "load_claims", lambda ch, check_presets=True: broken)
+    assert repro.main(["status", "ips"]) == 2
+    assert "metric 'no_such_metric' is not in the results" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
