@@ -11,18 +11,18 @@ import numpy as np
 import polars as pl
 import torch, torch.nn as nn, torch.nn.functional as F
 from fastcore.basics import patch
-from .core import seed_everything, batches
+from .core import seed_everything, batches, Paired
 from .data import DataError, pkg_dir
 
 # %% auto #0
 __all__ = ['FERRET_DIR', 'INSTALL', 'SHA', 'KINDS', 'FIELD_METRICS', 'PRESETS', 'TASKS', 'REAL', 'EXPERIMENTS', 'Data',
            'navy_winds', 'soi_darwin', 'hadcm3_air_temperature', 'tmy3', 'Split', 'Task', 'temporal_split',
            'check_split', 'smooth_noise', 'ar1_fields', 'analog_fields', 'turbulence_columns', 'richardson',
-           'load_task', 'task_sha', 'rmse', 'acc', 'roc_auc', 'pr_auc', 'brier', 'by_level', 'evaluate', 'Baseline',
-           'Persistence', 'Climatology', 'Linear', 'PadConv', 'block', 'UNetNet', 'fit_net', 'SmallCNN', 'UNet',
-           'TurbMLP', 'class_weights', 'weighted_bce', 'TURBnet', 'Logistic', 'Analog', 'Oracle', 'task_rows',
-           'exp_turbulence', 'exp_twins', 'exp_analog_twin', 'exp_analogs', 'exp_navy', 'exp_series', 'exp_gw',
-           'run_wxc']
+           'load_task', 'task_sha', 'rmse', 'acc', 'roc_auc', 'pr_auc', 'brier', 'by_level', 'block_bootstrap',
+           'evaluate', 'Baseline', 'Persistence', 'Climatology', 'Linear', 'PadConv', 'block', 'UNetNet', 'fit_net',
+           'SmallCNN', 'UNet', 'TurbMLP', 'class_weights', 'weighted_bce', 'TURBnet', 'Logistic', 'Analog', 'Oracle',
+           'task_rows', 'exp_turbulence', 'exp_twins', 'exp_analog_twin', 'exp_analogs', 'exp_navy', 'exp_series',
+           'exp_gw', 'run_wxc']
 
 # %% ../nbs/climate/70_wxc.ipynb #18bbfbaa
 FERRET_DIR = Path("/usr/share/ferret-vis/data")  # Debian ferret-datasets 7.6.0-5
@@ -423,6 +423,22 @@ def by_level(pred, y) -> tuple:
     sse, sst = ((p - t) ** 2).sum(ax), ((t - t.mean(ax, keepdims=True)) ** 2).sum(ax)
     return sse / (p.size / p.shape[1]), 1 - sse / sst
 
+# %% ../nbs/climate/70_wxc.ipynb #b9956230
+def block_bootstrap(x, # (n,) a time series, e.g. paired differences per test month
+                    block: int, # L, the block length (≥ the decorrelation time)
+                    n_boot: int = 10_000, level: float = 0.95, power: float = 0.8, seed: int = 0):
+    "Moving-block bootstrap of the mean: `Paired` with the percentile interval and MDE = (z_{1−α/2} + z_power)·se*."
+    from scipy.stats import norm
+    x = np.asarray(x, float).ravel(); n = len(x)
+    if not 1 <= block <= n: raise ValueError(f"block_bootstrap: block must be in 1…{n} (the series length), got {block}")
+    if not np.isfinite(x).all(): raise ValueError("block_bootstrap: the series has NaNs; drop or fill them first")
+    starts = np.random.default_rng(seed).integers(0, n - block + 1, (n_boot, -(-n // block)))
+    means = x[(starts[:, :, None] + np.arange(block)).reshape(n_boot, -1)[:, :n]].mean(1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2]); se = float(means.std())
+    return Paired(float(x.mean()), float(lo), float(hi), float(x.std(ddof=1)), n,
+                  float((norm.ppf((1 + level) / 2) + norm.ppf(power)) * se), level, f"block{block}")
+
+
 # %% ../nbs/climate/70_wxc.ipynb #c83e6eab
 def evaluate(task: Task, pred, split: str = "test") -> dict:
     "The task's metrics for a prediction of `split` (shaped like its y)."
@@ -699,10 +715,15 @@ def _random_rows(name, preset, seed, **kw):
     t = load_task(name, preset, seed, split="random", **kw)
     return task_rows(t, [Climatology(), Linear()], seed, **_base(lead=kw.get("lead", 1), split="random"))
 
-def _per_month(task, models, seed):
-    "RMSE of each test month for W2 on real data (paired by month)."
-    return [dict(task=task.name, method=m.name, metric="rmse_t", value=float(np.sqrt(((m.predict(task) - task.test.y)[i] ** 2).mean())),
-                 seed=seed, t=int(task.test.t_out[i]), **_base(lead=1)) for m in models for i in range(len(task.test))]
+def _per_month(task, models, seed, months: int = 3):
+    "RMSE of each test month for W2 on real data, and its block of `months` consecutive months (block intervals)."
+    t = task.test.t_out; blk, rows = (t - t[0]) // months, []
+    for m in models:
+        e = np.sqrt(((m.predict(task) - task.test.y) ** 2).reshape(len(t), -1).mean(1))
+        rows += [dict(task=task.name, method=m.name, metric="rmse_t", value=float(v), seed=seed, t=int(ti), block=int(b),
+                      **_base(lead=1)) for v, ti, b in zip(e, t, blk)]
+    return rows
+
 
 # %% ../nbs/climate/70_wxc.ipynb #e7b1e9c7
 def exp_analogs(preset, seed, c):
