@@ -195,3 +195,55 @@ def test_missing_package_names_the_install(monkeypatch, tmp_path):
     monkeypatch.setattr(W, "pkg_dir", lambda name, install=None: (_ for _ in ()).throw(W.DataError(f"install it with: {install}")))
     with pytest.raises(W.DataError, match="pvlib==0.16.1"):
         W.tmy3()
+
+
+def _ar1(rng, n, rho):
+    x = np.empty(n)
+    x[0] = rng.standard_normal()
+    for t in range(1, n):
+        x[t] = rho * x[t - 1] + math.sqrt(1 - rho**2) * rng.standard_normal()
+    return x
+
+
+Z = 1.959963984540054 + 0.8416212335729143  # the MDE factor: z_0.975 + z_0.8
+
+
+def test_block_bootstrap_variance_equals_its_exact_value():
+    x, L = _ar1(np.random.default_rng(0), 120, 0.6), 6
+    blocks = np.array([x[j:j + L].mean() for j in range(len(x) - L + 1)])
+    exact = (L / len(x)) * blocks.var()  # Var*(mean*) for L dividing n (Künsch 1989)
+    se = W.block_bootstrap(x, L, n_boot=40_000).mde / Z
+    assert abs(se**2 / exact - 1) < 0.04
+
+
+def test_block_bootstrap_of_length_one_is_the_iid_bootstrap():
+    x = np.random.default_rng(1).standard_normal(50)
+    se = W.block_bootstrap(x, 1, n_boot=40_000).mde / Z
+    assert abs(se**2 / (x.var() / len(x)) - 1) < 0.04
+
+
+def test_block_bootstrap_matches_the_bartlett_long_run_variance_of_statsmodels():
+    import statsmodels.api as sm
+    x, L = _ar1(np.random.default_rng(2), 3000, 0.5), 20
+    hac = sm.OLS(x, np.ones_like(x)).fit(cov_type="HAC", cov_kwds=dict(maxlags=L - 1, use_correction=False))
+    se = W.block_bootstrap(x, L, n_boot=20_000).mde / Z  # Bartlett weights 1 − h/(maxlags + 1) = 1 − h/L
+    assert abs(se / float(hac.bse[0]) - 1) < 0.08
+
+
+def test_block_intervals_cover_on_autocorrelated_series_where_iid_ones_do_not():
+    rng, cover = np.random.default_rng(3), {1: 0, 10: 0}
+    for r in range(200):
+        x = _ar1(rng, 150, 0.6)  # true mean 0; long-run sd twice the iid sd
+        for L in cover:
+            p = W.block_bootstrap(x, L, n_boot=1000, seed=r)
+            cover[L] += p.lo <= 0 <= p.hi
+    assert cover[10] / 200 >= 0.85 and cover[1] / 200 <= 0.80, cover
+
+
+def test_block_bootstrap_bad_input():
+    with pytest.raises(ValueError, match="block must be in 1…5"):
+        W.block_bootstrap(np.zeros(5), 6)
+    with pytest.raises(ValueError, match="block must be in"):
+        W.block_bootstrap(np.zeros(5), 0)
+    with pytest.raises(ValueError, match="NaNs"):
+        W.block_bootstrap(np.array([1.0, np.nan, 2.0]), 1)
