@@ -15,7 +15,7 @@ __all__ = ['UsageError', 'Param', 'Preset', 'Chapter', 'parse_check', 'parse_par
            'nbs_dir', 'runs_dir', 'read_chapter', 'read_preset', 'chapters', 'get_chapter', 'resolve', 'overrides_of',
            'run_id', 'parse_grid', 'RunResult', 'is_complete', 'code_version', 'default_timeout', 'execute', 'run',
            'sweep', 'ray_connect', 'remote_run', 'results', 'list_runs', 'clean', 'main', 'status', 'compare',
-           'sweep_frame', 'plot', 'cache_entries', 'cache_clear', 'repro', 'lab']
+           'sweep_frame', 'plot', 'cache_entries', 'cache_clear', 'new_chapter', 'repro', 'lab']
 
 # %% ../nbs/01_repro.ipynb #01bb78af
 # torch, polars, papermill and lipapers.core are imported inside the functions that need them, and these standard
@@ -1000,12 +1000,16 @@ def _parser():
 
 # %% ../nbs/01_repro.ipynb #8cb92158
 def _more_cmds(sub):
-    "The `status` and `compare` subcommands."
+    "The `status`, `compare` and `new` subcommands."
     s = sub.add_parser("status", help="every claim's verdict (claims file + committed results), across chapters")
     s.add_argument("chapter", nargs="?", help="only this chapter")
     c = sub.add_parser("compare", help="two or more runs: differing parameters, metrics side by side")
     c.add_argument("run_ids", nargs="+", metavar="RUN_ID", help="run ids (or unique prefixes of 6+ characters)")
     c.add_argument("--runs-dir", default=None, help="the runs folder (default: $LIPAPERS_RUNS, else runs/)")
+    n = sub.add_parser("new", help="scaffold a chapter: notebook, claims, tiny preset, test skeleton, sidebar entry")
+    n.add_argument("chapter", metavar="PART/NN_slug", help="where the notebook goes, e.g. optim/54_adam_noise")
+    n.add_argument("--module", required=True, metavar="NAME", help="the module it exports, lipapers.NAME")
+    n.add_argument("--title", required=True, help="the paper's title: the page's heading")
 
 # %% ../nbs/01_repro.ipynb #6e9821d9
 def _plot_cmd(a)->int:
@@ -1051,6 +1055,12 @@ def _status_cmd(a)->int:
     print(_fmt_table(rows, ["chapter", "claim", "verdict", "ours", "runs"]))
     n = {v: sum(r["verdict"] == v for r in rows) for v in dict.fromkeys(r["verdict"] for r in rows)}
     print(", ".join(f"{k} {v}" for k, v in n.items())); return 0
+
+# %% ../nbs/01_repro.ipynb #5ca1f030
+def _new_cmd(a)->int:
+    made = new_chapter(a.chapter, a.module, a.title); root = made[-1].parent
+    for f in made: print(f"wrote {f.relative_to(root)}")
+    print(f"next: nbdev_export, then `lipapers run {a.module}` and `pytest tests/test_{a.module}.py`"); return 0
 
 # %% ../nbs/01_repro.ipynb #5645ffe2
 def _results_opts(r):
@@ -1106,6 +1116,7 @@ def _dispatch(a)->int:
     if a.cmd == "compare": return _compare_cmd(a)
     if a.cmd == "plot": return _plot_cmd(a)
     if a.cmd == "cache": return _cache_cmd(a)
+    if a.cmd == "new": return _new_cmd(a)
     if a.cmd == "repro": return repro(a.runs_dir, docs=not a.no_docs)
     if a.cmd == "lab": return lab(a.port, a.extra)
     return 2
@@ -1307,6 +1318,216 @@ def cache_clear(name:str, wait:float=600.0)->Path:
         with FileLock(str(d.parent/f"{d.name}.lock"), timeout=wait): shutil.rmtree(d)
     except Timeout: raise UsageError(f"{m[0]} is being built (its lock is held); try again later") from None
     return d
+
+# %% ../nbs/01_repro.ipynb #5ca1f002
+_NAME = re.compile(r"[a-z][a-z0-9_]*")
+_SPEC = re.compile(r"(?P<part>[^/]+)/(?P<num>\d{2}[a-z]?)_(?P<slug>.+)")
+
+# %% ../nbs/01_repro.ipynb #5ca1f003
+def _parse_new(spec:str, module:str, title:str)->tuple:
+    "Check `PART/NN_slug`, the module name and the title; (part, number, slug), or a `UsageError`."
+    import keyword
+    m = _SPEC.fullmatch(spec or "")
+    if not m: raise UsageError(f"chapter {spec!r} must look like PART/NN_slug, e.g. optim/54_adam_noise")
+    for what, v in (("part", m["part"]), ("slug", m["slug"]), ("module name", module)):
+        if not _NAME.fullmatch(v or "") or keyword.iskeyword(v):
+            raise UsageError(f"{what} {v!r} must match [a-z][a-z0-9_]* and not be a Python keyword")
+    if not (title or "").strip() or "\n" in title: raise UsageError("--title must be one non-empty line")
+    return m["part"], m["num"], m["slug"]
+
+# %% ../nbs/01_repro.ipynb #5ca1f006
+def _pages(nbs:Path)->list:
+    "Every notebook under `nbs`, skipping hidden and `_` folders (as `chapters` does)."
+    hidden = lambda p: any(s.startswith((".", "_")) for s in p.relative_to(nbs).parts)
+    return [p for p in Path(nbs).rglob("*.ipynb") if not hidden(p)]
+
+# %% ../nbs/01_repro.ipynb #5ca1f007
+def _modules_in_use(root:Path)->dict:
+    "Module name -> the file that uses it: notebooks' `default_exp`, `lipapers/`, claims, preset folders, tests."
+    nbs, pkg, used = root/"nbs", root/"lipapers", {}
+    for p in _pages(nbs):
+        for m in re.findall(r"#\|\s*default_exp\s+(\w+)", p.read_text()): used.setdefault(m, p)
+    for p in [*pkg.glob("*.py"), *pkg.glob("*/"), *nbs.glob("**/claims/*.yaml"), *nbs.glob("**/presets/*/")]:
+        used.setdefault(p.stem, p)
+    for p in (root/"tests").glob("test_*.py"): used.setdefault(p.stem[5:], p)
+    return used
+
+# %% ../nbs/01_repro.ipynb #5ca1f008
+def _check_free(root:Path, num:str, module:str, targets:list):
+    "Refuse to overwrite any target, to reuse a chapter number or a module name (a `UsageError` naming the holder)."
+    rel = lambda p: str(Path(p).relative_to(root))
+    if targets[0].exists(): raise UsageError(f"{rel(targets[0])} exists; refusing to overwrite it")
+    held = [p for p in _pages(root/"nbs") if (m := re.match(r"(\d+[a-z]?)_", p.name)) and m.group(1) == num]
+    if held: raise UsageError(f"chapter number {num} is taken by {rel(held[0])}; choose a free number")
+    used = _modules_in_use(root)
+    if module in used: raise UsageError(f"module name {module!r} is taken by {rel(used[module])}; choose another")
+    for t in targets:
+        if t.exists(): raise UsageError(f"{rel(t)} exists; refusing to overwrite it")
+
+# %% ../nbs/01_repro.ipynb #5ca1f010
+def _sidebar_pages(text:str)->list:
+    import yaml
+    items = yaml.safe_load(text)["website"]["sidebar"]["contents"]
+    return [p for it in items for p in ([it] if isinstance(it, str) else it.get("contents", []))]
+
+# %% ../nbs/01_repro.ipynb #5ca1f011
+def _new_section(lines:list, page:str, part:str, num:str)->list:
+    "Lines with a new sidebar section for `part` holding `page`, after the last section of the sidebar."
+    s = next(i for i, l in enumerate(lines) if l.strip() == "sidebar:")
+    c = next(i for i in range(s + 1, len(lines)) if lines[i].strip() == "contents:")
+    ind = re.match(r"\s*", lines[c + 1]).group(0)
+    items = [i for i in range(c + 1, len(lines)) if lines[i].startswith(ind + "- ")]
+    end = next((i for i in range(c + 1, len(lines)) if lines[i].strip() and not lines[i].startswith(ind)), len(lines))
+    items = [i for i in items if i < end]
+    last = max([i for i in items if lines[i].strip().startswith("- section:")], default=items[-1] if items else c)
+    at = next((i for i in items if i > last), end)
+    sec = [f'{ind}- section: "{int(num[:2]) // 10} · {part}"\n', f"{ind}  contents:\n", f"{ind}    - {page}\n"]
+    return lines[:at] + sec + lines[at:]
+
+# %% ../nbs/01_repro.ipynb #5ca1f012
+def _sidebar_with(text:str, page:str, part:str, num:str)->str:
+    "`_quarto.yml`'s text with `page` in the sidebar (see above), or a `UsageError`."
+    lines = text.splitlines(keepends=True)
+    mine = [p for p in _sidebar_pages(text) if p.startswith(part + "/")]
+    if mine:
+        before = [p for p in mine if _order(Path(p)) < _order(Path(page))]
+        anchor = before[-1] if before else mine[0]
+        i = next((k for k, l in enumerate(lines) if re.fullmatch(rf"\s*- {re.escape(anchor)}\s*(#.*)?\n?", l)), None)
+        if i is None: raise UsageError(f"could not find {anchor} on a line of its own in _quarto.yml's sidebar")
+        lines.insert(i + 1 if before else i, re.match(r"\s*", lines[i]).group(0) + f"- {page}\n")
+    else: lines = _new_section(lines, page, part, num)
+    out = "".join(lines)
+    if page not in _sidebar_pages(out): raise UsageError(f"could not place {page} in _quarto.yml's sidebar")
+    return out
+
+# %% ../nbs/01_repro.ipynb #5ca1f015
+_NB_HEAD = [
+    ("code", "#| default_exp <<module>>"),
+    ("code", "#| export\nfrom __future__ import annotations\nimport numpy as np"),
+    ("code", "#| hide\nfrom fastcore.test import *\nimport polars as pl\n"
+             "from lipapers.core import Recorder, load_claims, committed_results, status_table, show_status, md"),
+    ("markdown", "# <<title>>\n> One line: the paper (authors, venue, arXiv id) and what this chapter reproduces."),
+    ("markdown", "The defaults below are the fast CPU setting: the whole notebook runs in 20 seconds "
+                 "(`lipapers run <<module>>`). Paper-scale runs are presets in `nbs/<<part>>/presets/<<module>>/`, "
+                 "one YAML file each, naming the table or figure it reproduces."),
+    ("parameters", "seeds: int = 5  # ≥ 2; seeds, each one paired draw for every method\n"
+                   "n: int = 200  # ≥ 10; samples per seed"),
+    ("code", 'rec = Recorder("<<module>>")'),
+]
+
+# %% ../nbs/01_repro.ipynb #5ca1f016
+_NB_METHOD = [
+    ("markdown", "## The method\n\nThe paper's equation, numbered and in its symbols, next to the code that implements "
+                 "it. The skeleton's stand-in is the sample mean:\n\n$$\\hat\\mu=\\frac1n\\sum_{i=1}^n x_i.\\tag{1}$$"),
+    ("code", '#| exports\ndef estimate(x) -> float:\n    "Eq. (1): the sample mean of `x` (the skeleton\'s stand-in '
+             'for the paper\'s method)."\n    x = np.asarray(x, dtype=float)\n    if x.size == 0 or not '
+             'np.isfinite(x).all(): raise ValueError(f"estimate needs finite values, got {x.tolist()}")\n'
+             '    return float(x.mean())'),
+    ("markdown", "Each definition is demonstrated, and the demonstration asserts what it shows:"),
+    ("code", 'test_close(estimate([1, 2, 3, 6]), 3.0)\ntest_fail(lambda: estimate([]), contains="finite")'),
+    ("markdown", "## Experiment\n\nEvery reported number goes through the recorder, one row per method and seed, so "
+                 "the claims machinery can pair the methods by seed."),
+    ("code", 'for seed in range(seeds):\n    x = np.random.default_rng(seed).normal(size=n)\n'
+             '    rec.log("mean", "abs_error", abs(estimate(x)), seed=seed)\n'
+             '    rec.log("median", "abs_error", abs(float(np.median(x))), seed=seed)\nrec.save();'),
+    ("code", 'rec.frame().group_by("method").agg(pl.col("value").mean()).sort("method")'),
+]
+
+# %% ../nbs/01_repro.ipynb #5ca1f017
+_NB_STATUS = [
+    ("markdown", "## Reproduction status\n\nThe paper's claims are data in `nbs/<<part>>/claims/<<module>>.yaml`; "
+                 "the verdicts come from the claims machinery (`lipapers.core.verdict`) on the committed runner "
+                 "results `nbs/<<part>>/results/<<module>>.parquet`, never typed here. A claim whose runs are not "
+                 "committed yet keeps `needs:` and reads *not run*."),
+    ("code", '#| echo: false\nclaims = load_claims("<<module>>")\ntry: committed = committed_results("<<module>>")\n'
+             'except FileNotFoundError: committed = pl.DataFrame()  # before the first runner results are committed\n'
+             'show_status(status_table(claims, committed, "<<module>>"))'),
+    ("markdown", "## Summary\n\nWhat reproduced, what did not and why, in prose whose numbers are rendered from the "
+                 "status table with `md(...)`."),
+]
+
+# %% ../nbs/01_repro.ipynb #5ca1f018
+def _chapter_nb(part:str, module:str, title:str)->str:
+    "The chapter notebook's text, as `nbdev_clean` writes it (ids derived from the module name)."
+    sub = dict(part=part, module=module, title=title)
+    fill = lambda s: re.sub(r"<<(\w+)>>", lambda m: sub.get(m.group(1), m.group(0)), s)
+    cells = []
+    for i, (kind, src) in enumerate(_NB_HEAD + _NB_METHOD + _NB_STATUS):
+        c = dict(cell_type="markdown" if kind == "markdown" else "code",
+                 id=hashlib.sha256(f"{module}:{i}".encode()).hexdigest()[:8],
+                 metadata=dict(tags=["parameters"]) if kind == "parameters" else {},
+                 source=fill(src).splitlines(keepends=True))
+        if kind != "markdown": c.update(execution_count=None, outputs=[])
+        cells.append(c)
+    ks = dict(display_name="python3", language="python", name="python3")
+    nb = dict(cells=cells, metadata=dict(kernelspec=ks), nbformat=4, nbformat_minor=5)
+    return json.dumps(nb, sort_keys=True, indent=1, ensure_ascii=False) + "\n"
+
+# %% ../nbs/01_repro.ipynb #5ca1f020
+_CLAIMS = """# Claims of <<title>> (fields: lipapers.core.Claim), controls first; `needs:` keeps a claim "not run" until
+# its runs are committed to nbs/<<part>>/results/<<module>>.parquet: drop it then.
+paper: <<jtitle>>
+url: ""
+claims:
+  - id: C1
+    statement: "skeleton claim (replace): on normal data the mean's absolute error is below the median's"
+    cited: "— (the paper's table or figure, and its number)"
+    metric: abs_error
+    method: mean
+    baseline: median
+    direction: lower
+    pair_by: [seed]
+    where: {preset: tiny}
+    needs: "committed runs in nbs/<<part>>/results/<<module>>.parquet"
+"""
+_PRESET = """# The notebook's defaults as a preset. Command: .venv/bin/lipapers run <<module>> --preset tiny
+# Measured: (run id, seconds and load average, once run).
+target: "skeleton (replace): the paper's table or figure reproduced at small scale"
+description: "the notebook's defaults: fast CPU setting, 20 s"
+params: {}
+"""
+
+# %% ../nbs/01_repro.ipynb #5ca1f021
+_TEST = '''"""lipapers.<<module>> (nbs/<<part>>/<<stem>>.ipynb): the method against independent references, on awkward
+shapes, with tolerances per dtype. The skeleton checks the stand-in `estimate`; replace it with the paper's method."""
+import numpy as np
+import pytest
+
+from lipapers.<<module>> import estimate
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 1001])
+def test_estimate_matches_a_plain_python_sum(n):
+    x = np.random.default_rng(n).normal(size=n)
+    assert estimate(x) == pytest.approx(sum(x.tolist()) / n, rel=1e-12, abs=1e-15)  # float64 round-off
+
+
+@pytest.mark.parametrize("bad", [[], [1.0, float("nan")], [float("inf")]])
+def test_estimate_rejects_empty_or_non_finite_input(bad):
+    with pytest.raises(ValueError, match="finite"):
+        estimate(bad)
+'''
+
+# %% ../nbs/01_repro.ipynb #5ca1f022
+def new_chapter(spec:str, module:str, title:str, root:Path|None=None)->list:
+    "Scaffold chapter `PART/NN_slug` exporting `module` in project `root` (default: this one); the files written."
+    part, num, slug = _parse_new(spec, module, title)
+    from lipapers.core import project_root
+    root = Path(root or project_root()); stem = f"{num}_{slug}"; page = f"{part}/{stem}.ipynb"
+    d = root/"nbs"/part
+    files = {d/f"{stem}.ipynb": _chapter_nb(part, module, title), d/"claims"/f"{module}.yaml": _CLAIMS,
+             d/"presets"/module/"tiny.yaml": _PRESET, root/"tests"/f"test_{module}.py": _TEST}
+    _check_free(root, num, module, [*files, d/"presets"/module])
+    if not (root/"_quarto.yml").exists(): raise UsageError(f"no _quarto.yml in {root} (the site's sidebar)")
+    quarto = _sidebar_with((root/"_quarto.yml").read_text(), page, part, num)
+    sub = dict(part=part, module=module, title=title, jtitle=json.dumps(title, ensure_ascii=False), stem=stem)
+    for f, text in files.items():
+        f.parent.mkdir(parents=True, exist_ok=True)
+        with open(f, "x") as out: out.write(re.sub(r"<<(\w+)>>", lambda m: sub.get(m.group(1), m.group(0)), text))
+    (root/"_quarto.yml").write_text(quarto)
+    from lipapers.docs import sync_quarto_yml
+    sync_quarto_yml(root)  # nbs/_quarto.yml is derived from the top-level file
+    return [*files, root/"_quarto.yml"]
 
 # %% ../nbs/01_repro.ipynb #9a30c787
 def repro(runs=None, docs:bool=True)->int:
