@@ -21,9 +21,10 @@ __all__ = ['ITEM_FEATURES', 'CONTEXT_FEATURES', 'OBJECTIVES', 'REPLAY_MODES', 'S
            'greedy_pointwise', 'mmr', 'exhaustive_slate', 'pl_slot_marginals', 'log_slates', 'pl_conditional', 'Replay',
            'replay_value', 'pareto_front', 'hypervolume', 'second_pass', 'second_pass_scores', 'MultiSlotModel',
            'fit_mlp', 'predict_mlp', 'design', 'make_world', 'take_cd', 'Logs', 'log_requests', 'rows', 'fit_arms',
-           'predict_arm', 'auc_table', 'model_score_fn', 'oracle_score_fn', 'cos_sim', 'policies', 'simulator_table',
-           'gap_table', 'replay_logs', 'estimate', 'replay_table', 'replay_summary', 'pareto_settings', 'pareto_table',
-           'frontier_stats', 'SlateEnv', 'SlateVectorEnv', 'make_vec_env', 'rollout', 'single_score_fn', 'sga_speed',
+           'predict_arm', 'expected_auc', 'auc_table', 'model_score_fn', 'oracle_score_fn', 'cos_sim', 'policies',
+           'simulator_table', 'gap_table', 'replay_logs', 'estimate', 'replay_table', 'replay_summary',
+           'pareto_settings', 'pareto_table', 'frontier_stats', 'empirical_marginals', 'marginal_replay',
+           'obd_replay_table', 'SlateEnv', 'SlateVectorEnv', 'make_vec_env', 'rollout', 'single_score_fn', 'sga_speed',
            'env_speed', 'speed_rows', 'take_logs', 'log_frame', 'kendall']
 
 # %% ../nbs/ranking/34_multislot.ipynb #5f9465b7
@@ -468,15 +469,30 @@ def predict_arm(arm:tuple, X)->np.ndarray:
     kind, m, _ = arm
     return predict_mlp(m, X)[:, 0] if kind == "mlp" else m.predict_proba(X)[:, 1]
 
+# %% ../nbs/ranking/34_multislot.ipynb #fd6330f6
+def expected_auc(p, # true click probabilities `(n,)`
+                 s, # scores `(n,)`
+                )->float:
+    "AUC against probabilities: each item is a click with weight p and a non-click with weight 1 − p."
+    from sklearn.metrics import roc_auc_score
+    p, s = np.asarray(p, float).ravel(), np.asarray(s, float).ravel()
+    if p.shape != s.shape: raise ValueError(f"p and s must have one shape, got {p.shape} and {s.shape}")
+    if not ((p >= 0) & (p <= 1)).all(): raise ValueError("p must be in [0, 1]")
+    y, n = np.r_[np.ones(len(p)), np.zeros(len(p))], len(p)
+    return float(roc_auc_score(y, np.r_[s, s], sample_weight=np.r_[p, 1 - p]))
+
+
 # %% ../nbs/ranking/34_multislot.ipynb #f6863a46
 def auc_table(tr:Logs, te:Logs, arms:dict)->pl.DataFrame:
-    "Held-out AUC and log-loss of every arm, popularity and the oracle on the test logs' slots."
+    "Held-out AUC (sampled clicks), expected AUC and log-loss of every arm, popularity and the oracle."
     from lipapers.baselines import evaluate, popularity
     y = te.y["click"].ravel(); it = lambda lg: lg.req.items[np.arange(len(lg.S))[:, None], lg.S].ravel()
     P = {"popularity": popularity(it(tr), tr.y["click"].ravel(), it(te))}
     P |= {a: predict_arm(arm, rows(te, arm[2])) for a, arm in arms.items()}
     P["oracle"] = te.p["click"].ravel()
-    return evaluate(y, P).select("method", "auc", "log_loss")
+    ea = pl.DataFrame({"method": list(P), "auc_exp": [expected_auc(te.p["click"].ravel(), v) for v in P.values()]})
+    return evaluate(y, P).select("method", "auc", "log_loss").join(ea, on="method")
+
 
 # %% ../nbs/ranking/34_multislot.ipynb #a5498377
 def _extras(ctx:SlotContext, cd:Candidates, w_div:float, w_fresh:float):
@@ -599,6 +615,73 @@ def pareto_table(w:World, lg:Logs, arm, L:dict, K:int, seed:int)->pl.DataFrame:
 def frontier_stats(pt:pl.DataFrame, col:str="clicks")->dict:
     "Hypervolume of each family's (col, diversity) points."
     return {f: hypervolume(g.select(col, "diversity").to_numpy(), [0, 0]) for (f,), g in pt.group_by("family")}
+
+# %% ../nbs/ranking/34_multislot.ipynb #6d7666ae
+def empirical_marginals(items, slots, n_items:int, n_slots:int)->np.ndarray:
+    "Frequencies π(a|k) `(n_items, n_slots)` of logged (item, slot) impressions; each column sums to 1."
+    a, k = np.asarray(items), np.asarray(slots)
+    if a.shape != k.shape or a.ndim != 1: raise ValueError("items and slots must be 1-D of one shape")
+    F = np.zeros((n_items, n_slots)); np.add.at(F, (a, k), 1)
+    if (F.sum(0) == 0).any(): raise ValueError(f"no impression at slot(s) {np.flatnonzero(F.sum(0) == 0).tolist()}")
+    return F / F.sum(0)
+
+
+# %% ../nbs/ranking/34_multislot.ipynb #2c453990
+def _check_marginal(a, k, r, mu, target):
+    "Validated single-slot logs and a `(n_items, K)` target of slot marginals."
+    a, k, r, mu, tg = (np.asarray(x) for x in (a, k, r, mu, target))
+    if not (a.ndim == 1 and a.shape == k.shape == r.shape == mu.shape):
+        raise ValueError(f"items, slots, rewards, propensities must share one 1-D shape, got "
+                         f"{a.shape}, {k.shape}, {r.shape}, {mu.shape}")
+    if not ((mu > 0) & (mu <= 1)).all(): raise ValueError("propensities must be in (0, 1]")
+    if tg.ndim != 2 or (tg < 0).any() or not np.allclose(tg.sum(0), 1, atol=1e-6):
+        raise ValueError("target must be (n_items, K) slot marginals: non-negative columns summing to 1")
+    if a.min() < 0 or a.max() >= len(tg): raise ValueError(f"items must be in [0, {len(tg)})")
+    if k.min() < 0 or k.max() >= tg.shape[1]: raise ValueError(f"slots must be in [0, {tg.shape[1]})")
+    return a, k, r.astype(float), mu.astype(float), tg
+
+
+# %% ../nbs/ranking/34_multislot.ipynb #bb40bc28
+def marginal_replay(items, slots, rewards, propensities, # single-slot logs `(T,)`, slots 0-based
+                    target, # `(n_items, K)` target slot marginals π(a|k)
+                    self_normalize:bool=False)->Replay:
+    "Per-slot replay of a stochastic target's clicks per list from single-impression logs (value, SE, T_k)."
+    a, k, r, mu, tg = _check_marginal(items, slots, rewards, propensities, target); V, var, n = 0.0, 0.0, []
+    for j in range(tg.shape[1]):
+        s = k == j
+        if s.sum() < 2: raise ValueError(f"slot {j} has {s.sum()} impressions; replay needs at least 2")
+        wt = tg[a[s], j] / mu[s]; x = wt * r[s]
+        v = x.sum() / wt.sum() if self_normalize and wt.sum() > 0 else x.mean()
+        psi = wt * (r[s] - v) / wt.mean() if self_normalize and wt.sum() > 0 else x
+        V += v; var += psi.var(ddof=1) / s.sum(); n.append(int(s.sum()))
+    return Replay(float(V), float(math.sqrt(var)), np.array(n))
+
+
+# %% ../nbs/ranking/34_multislot.ipynb #f39af264
+def _on_policy(log:pl.DataFrame)->Replay:
+    "Clicks per list of the policy that wrote `log` (sum over slots of the slot's click rate) and its SE."
+    g = log.group_by("position").agg(m=pl.col("click").mean(), v=pl.col("click").var() / pl.len(), n=pl.len())
+    return Replay(float(g["m"].sum()), float(math.sqrt(g["v"].sum())), g.sort("position")["n"].to_numpy())
+
+
+# %% ../nbs/ranking/34_multislot.ipynb #930b56f2
+def obd_replay_table(rnd:pl.DataFrame, # `open_bandit("random").log`
+                     bts:pl.DataFrame, # `open_bandit("bts").log`
+                     n_items:int=80, K:int=3)->pl.DataFrame:
+    "Per day: replayed and on-policy clicks per 1,000 lists of BTS (random log) and of uniform (BTS log)."
+    out, col = [], lambda L, c: L[c].to_numpy()
+    for d in sorted(rnd["timestamp"].dt.date().unique()):
+        R, B = (L.filter(pl.col("timestamp").dt.date() == d) for L in (rnd, bts))
+        pi_b = empirical_marginals(col(B, "item_id"), col(B, "position") - 1, n_items, K)
+        uni = np.full((n_items, K), 1 / n_items)
+        for name, logs, truth, tg in (("obd_bts", R, B, pi_b), ("obd_uniform", B, R, uni)):
+            args = (col(logs, "item_id"), col(logs, "position") - 1, col(logs, "click"), col(logs, "propensity"), tg)
+            for m, rp in (("replay", marginal_replay(*args)), ("replay_sn", marginal_replay(*args, True)),
+                          ("on_policy", _on_policy(truth))):
+                out.append(dict(day=str(d), method=f"{name}_{m}", clicks_per_1k=1e3 * rp.value, se_per_1k=1e3 * rp.se,
+                                impressions=logs.height if m != "on_policy" else truth.height))
+    return pl.DataFrame(out)
+
 
 # %% ../nbs/ranking/34_multislot.ipynb #2fcce28d
 REWARDS = ("expected", "sampled")

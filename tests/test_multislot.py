@@ -155,3 +155,59 @@ def test_speed_rows_ratios_are_paired_by_repeat():
     get = lambda m: rows.filter(pl.col("metric") == m).sort("repeat")["value"].to_list()
     assert get("time_ratio_N") == pytest.approx([8.0] * 3) and get("time_ratio_K") == pytest.approx([4.0] * 3)
     assert get("native_over_sync") == pytest.approx([6.0] * 3) and get("rows_exact") == [1.0]
+
+def test_expected_auc_pair_sum_binary_and_sampling():
+    from sklearn.metrics import roc_auc_score
+    g = np.random.default_rng(5); s = g.normal(size=123).round(1); p = g.beta(0.5, 3, 123)   # ties, skewed p
+    gt = (s[:, None] > s[None]) + 0.5 * (s[:, None] == s[None])
+    assert expected_auc(p, s) == pytest.approx((p[:, None] * (1 - p)[None] * gt).sum() / (p.sum() * (1 - p).sum()), abs=1e-12)
+    y = (g.random(123) < 0.3).astype(float)
+    assert expected_auc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    from scipy.stats import rankdata
+    Y = (g.random((3000, 123)) < p).astype(float); n1 = Y.sum(1); Y = Y[(n1 > 0) & (n1 < 123)]; n1 = Y.sum(1)
+    draws = (Y @ rankdata(s) - n1 * (n1 + 1) / 2) / (n1 * (123 - n1))                     # Mann-Whitney, per draw
+    assert draws[0] == pytest.approx(roc_auc_score(Y[0], s), abs=1e-12)
+    assert abs(draws.mean() - expected_auc(p, s)) < 0.01     # the mean of sampled AUCs (a ratio: close, not equal)
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"): expected_auc(p * 3, s)
+    with pytest.raises(ValueError, match="one shape"): expected_auc(p, s[:5])
+
+def test_marginal_replay_limits_and_unbiasedness():
+    g = np.random.default_rng(6); n, K = 7, 3
+    q = g.random((n, K)) * 0.3; pi = g.dirichlet(np.ones(n), K).T; truth = (pi * q).sum()
+    A, S = np.repeat(np.arange(n), K), np.tile(np.arange(K), n)                       # complete uniform log
+    assert marginal_replay(A, S, q[A, S], np.full(n * K, 1 / n), pi).value == pytest.approx(truth, abs=1e-12)
+    mu = g.dirichlet(np.ones(n), K).T; T = 200_000; k = g.integers(0, K, T)             # non-uniform logging
+    a = (np.cumsum(mu, 0)[:, k].T < g.random(T)[:, None]).sum(1); r = (g.random(T) < q[a, k]).astype(float)
+    for sn in (False, True):
+        rp = marginal_replay(a, k, r, mu[a, k], pi, self_normalize=sn)
+        assert abs(rp.value - truth) < 4 * rp.se and rp.matches.sum() == T
+    on = sum(r[k == j].mean() for j in range(K))                                          # target = logging policy
+    assert marginal_replay(a, k, r, mu[a, k], mu, self_normalize=True).value == pytest.approx(on, abs=1e-12)
+    one = np.eye(n)[:, [3, 0, 5]]; L1 = one.argmax(0)[k][:, None]
+    ref = sum(replay_value(a[k == j, None], r[k == j, None], mu[a[k == j], j][:, None], L1[k == j]).value for j in range(K))
+    assert marginal_replay(a, k, r, mu[a, k], one).value == pytest.approx(ref, rel=1e-12)
+
+def test_marginal_replay_bad_input():
+    a, k, r, mu = np.array([0, 1, 2, 0]), np.array([0, 0, 1, 1]), np.ones(4), np.full(4, 0.5)
+    U = np.full((3, 2), 1 / 3)
+    with pytest.raises(ValueError, match="share one 1-D shape"): marginal_replay(a, k, r[:3], mu, U)
+    with pytest.raises(ValueError, match=r"\(0, 1\]"): marginal_replay(a, k, r, mu * 0, U)
+    with pytest.raises(ValueError, match="summing to 1"): marginal_replay(a, k, r, mu, U * 2)
+    with pytest.raises(ValueError, match=r"items must be in \[0, 2\)"): marginal_replay(a, k, r, mu, U[:2] * 1.5)
+    with pytest.raises(ValueError, match=r"slots must be in \[0, 1\)"): marginal_replay(a, k, r, mu, np.full((3, 1), 1 / 3))
+    with pytest.raises(ValueError, match="slot 1 has 1"): marginal_replay(a[:3], k[:3], r[:3], mu[:3], U)
+    with pytest.raises(ValueError, match=r"no impression at slot\(s\) \[2\]"): empirical_marginals(a, k, 3, 3)
+
+def test_obd_replay_table_on_the_open_bandit_sample():
+    import polars as pl
+    from lipapers.data import open_bandit
+    R, B = open_bandit("random").log, open_bandit("bts").log
+    t = obd_replay_table(R, B)
+    assert t.height == 7 * 6 and t["day"].n_unique() == 7
+    d = R.filter(pl.col("timestamp").dt.date() == R["timestamp"].dt.date().min())           # first day, by hand
+    hand = 1e3 * sum(d.filter(pl.col("position") == j)["click"].mean() for j in (1, 2, 3))
+    got = t.filter((pl.col("method") == "obd_uniform_on_policy") & (pl.col("day") == str(d["timestamp"].dt.date()[0])))
+    assert got["clicks_per_1k"][0] == pytest.approx(hand, rel=1e-12)
+    U = np.full((80, 3), 1 / 80)        # replaying the random policy from its own log is its on-policy value
+    rp = marginal_replay(R["item_id"].to_numpy(), R["position"].to_numpy() - 1, R["click"].to_numpy(), R["propensity"].to_numpy(), U)
+    assert rp.value == pytest.approx(sum(R.filter(pl.col("position") == j)["click"].mean() for j in (1, 2, 3)), rel=1e-12)
