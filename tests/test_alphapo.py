@@ -6,6 +6,7 @@ in float64 internally, so float32 outputs are the float64 result rounded once.
 """
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -342,3 +343,118 @@ def test_evaluate_policy_against_itself():
     assert ev["gold"] == pytest.approx(g0.mean().item()) and ev["sentiment"] == pytest.approx(s0.mean().item())
     with pytest.raises(ValueError, match="g_init must have shape"):
         evaluate_policy(m, m, tok, prompts, g0[:3], 2, 6, 0.02)
+
+
+# ---------------------------------------------------------------- the experiment: arms, rows, summaries, claims
+from lipapers.alphapo import (  # noqa: E402
+    arm_rows,
+    arm_table,
+    baseline_samples,
+    displacement_rank,
+    evaluate_policy,
+    make_arms,
+    probe_deltas,
+    run_arm,
+)
+
+
+def test_make_arms_names_and_settings():
+    arms = make_arms(["dpo", "simpo", "alphapo"], [-1.0, 0.25], 2.5, 0.1, 0.1, 3e-4, 7, 5)
+    assert list(arms) == ["DPO", "SimPO", "AlphaPO α=-1", "AlphaPO α=0.25"]
+    assert arms["DPO"].beta == 0.1 and arms["DPO"].gamma == 0.0 and arms["SimPO"].alpha == 0.0
+    assert arms["AlphaPO α=0.25"].alpha == 0.25 and arms["AlphaPO α=0.25"].gamma == 0.1
+    assert {(c.lr, c.n_steps, c.batch_size) for c in arms.values()} == {(3e-4, 7, 5)}
+    assert list(make_arms(["simpo"], [0.5], 2.5, 0.1, 0.1, 1e-3, 1, 1)) == ["SimPO"]  # α ignored without alphapo
+    for bad in ([], ["ipo"], ["dpo", "orpo"]):
+        with pytest.raises(ValueError, match="non-empty subset"):
+            make_arms(bad, [], 1.0, 0.0, 0.1, 1e-3, 1, 1)
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        make_arms(["alphapo"], [0.5], 0.0, 0.0, 0.1, 1e-3, 1, 1)
+
+
+def test_probe_deltas_and_arm_rows():
+    log = [dict(step=0, probe_chosen_logp=-3.0, probe_rejected_logp=-3.5, loss=0.7, accuracy=0.5),
+           dict(step=1, loss=0.6, accuracy=0.75), dict(step=2, probe_chosen_logp=-3.25, probe_rejected_logp=-4.5)]
+    assert probe_deltas(log) == (-0.25, -1.0)
+    with pytest.raises(ValueError, match="need 2"):
+        probe_deltas(log[1:2])
+    ev = dict(win_rate=0.6, kl=1.5, train_seconds=2.0)
+    rows = arm_rows("DPO", PrefConfig("dpo", beta=0.1), log, ev)
+    assert len(rows) == 4 + 2 + 2 + len(ev) + 2  # per-step values, final metrics, the two deltas
+    assert all(math.isnan(r["alpha"]) and r["method"] == "dpo" and r["arm"] == "DPO" for r in rows)
+    by = {(r["metric"], r["step"]): r for r in rows}
+    assert by[("loss", 1)]["value"] == 0.6 and by[("train_seconds", None)]["unit"] == "s"
+    assert by[("delta_rejected_logp", None)]["value"] == -1.0
+    rows = arm_rows("AlphaPO α=0.5", PrefConfig("alphapo", 0.5), log, ev)
+    assert {r["alpha"] for r in rows} == {0.5}
+
+
+def _ranks(x):
+    return np.argsort(np.argsort(x)).astype(float)
+
+
+def test_displacement_rank_against_rank_correlation():
+    rng = np.random.default_rng(0)
+    alphas, d = rng.normal(size=7), rng.normal(size=7)
+    rows = [dict(method="alphapo", metric="delta_chosen_logp", alpha=a, value=v) for a, v in zip(alphas, d)]
+    rows += [dict(method="dpo", metric="delta_chosen_logp", alpha=float("nan"), value=100.0),   # DPO has no α
+             dict(method="alphapo", metric="kl", alpha=0.3, value=-100.0)]                      # another metric
+    ref = np.corrcoef(_ranks(alphas), _ranks(d))[0, 1]  # Pearson of ranks, no ties
+    assert displacement_rank(rows) == pytest.approx(ref, abs=1e-12)
+    assert displacement_rank([dict(r, value=-r["value"]) for r in rows]) == pytest.approx(-ref, abs=1e-12)
+    assert math.isnan(displacement_rank(rows[:2]))
+
+
+def test_arm_table_against_t_interval():
+    from scipy import stats
+    import polars as pl
+    vals = {"SimPO": [0.4, 0.5, 0.7, 0.2], "DPO": [0.6, 0.65, 0.5, 0.7], "AlphaPO α=-1": [0.9, 0.8, 0.85, 0.6]}
+    alpha = {"SimPO": 0.0, "DPO": float("nan"), "AlphaPO α=-1": -1.0}
+    rows = [dict(arm=a, alpha=alpha[a], metric="win_rate", value=v, step=None) for a, vs in vals.items() for v in vs]
+    rows += [dict(arm="SimPO", alpha=0.0, metric="win_rate", value=99.0, step=3),   # a per-step row: not final
+             dict(arm=None, alpha=None, metric="win_rate", value=99.0, step=None)]  # not an arm (e.g. data rows)
+    t = arm_table(pl.DataFrame(rows), ["win_rate"])
+    assert t["arm"].to_list() == ["DPO", "AlphaPO α=-1", "SimPO"]  # DPO (α nan) first, then by α
+    for r in t.iter_rows(named=True):
+        x = np.array(vals[r["arm"]])
+        half = stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))
+        assert r["n"] == 4 and r["mean"] == pytest.approx(x.mean())
+        assert (r["lo"], r["hi"]) == pytest.approx((x.mean() - half, x.mean() + half))
+    with pytest.raises(ValueError, match="no final rows"):
+        arm_table(pl.DataFrame(rows), ["kl"])
+
+
+def test_run_arm_is_deterministic_and_zero_steps_of_drift_ties():
+    m, tok, P = _tiny_lm(), _WordTok(), 3
+    pairs = _pairs(V=50, N=8, P=P, R=5, seed=2)
+    prompts = torch.randint(0, 50, (4, P), generator=torch.Generator().manual_seed(1))
+    base = baseline_samples(m, tok, prompts, 2, 5, 0.02, seed=0)
+    assert base.gold.shape == (8,) and base.sentiment.shape == (8,)
+    # π_0 against itself with the same stream draws the same samples: every comparison ties
+    ev0 = evaluate_policy(m, m, tok, prompts, base.gold, 2, 5, 0.02, torch.Generator().manual_seed(1),
+                          s_init=base.sentiment)
+    assert ev0["win_rate"] == 0.5 and ev0["win_rate_lc"] == 0.5 and ev0["kl"] == 0.0
+    out = []
+    for cfg in (PrefConfig("alphapo", 0.5, 2.0, 0.0, lr=3e-2, n_steps=4, batch_size=4),) * 2 + (
+            PrefConfig("dpo", 0.0, 0.1, lr=3e-2, n_steps=4, batch_size=4),):
+        log, ev = run_arm(m, tok, pairs, cfg, prompts, base, torch.arange(8), 2, 5, 0.02, seed=0)
+        out.append((log, {k: v for k, v in ev.items() if k != "train_seconds"}))
+    assert out[0] == out[1]                     # same seed, same arm: identical logs and metrics
+    assert out[0][1]["kl"] != 0.0               # training moved the policy
+    assert len([r for r in out[2][0] if "probe_chosen_logp" in r]) == 3  # steps 0, 2 and after the last
+    with pytest.raises(ValueError, match="g_init must have shape"):
+        run_arm(m, tok, pairs, PrefConfig("simpo", 0.0, n_steps=1), prompts, base._replace(gold=base.gold[:3]),
+                torch.arange(2), 1, 5, 0.02, seed=0)
+
+
+def test_claims_read_the_committed_results():
+    from lipapers.core import VERDICTS, committed_results, load_claims, status_table
+
+    claims = load_claims("alphapo")
+    t = status_table(claims, committed_results("alphapo"), "alphapo")
+    v = dict(zip(t["claim"], t["verdict"]))
+    assert set(v.values()) <= set(VERDICTS) and len(v) == len(claims)
+    assert v["P1"] == "not run"                                     # SmolLM2 runs are not made here
+    run = t.filter(t["verdict"] != "not run")
+    assert (run["n"] >= 2).all()                                    # every measured claim pairs ≥ 2 seeds
+    assert all(len(r.split(", ")) == n for r, n in zip(run["runs"], run["n"]))  # one run per seed
