@@ -657,9 +657,9 @@ class PretrainedSpec:
     valid_every:int=10 # held-out Shakespeare works
 
 SMALL = LMConfig(vocab_size=2048, d_model=256, n_layers=4, n_heads=8, max_seq_len=256)
-SMALL_TRAIN = TrainConfig(n_steps=600, batch_size=16, seq_len=128, lr=3e-3, warmup=40, eval_every=200,
+SMALL_TRAIN = TrainConfig(n_steps=4500, batch_size=16, seq_len=128, lr=3e-3, warmup=100, eval_every=500,
                           eval_tokens=32_768, bf16=True)
-SFT_TRAIN = TrainConfig(n_steps=1500, batch_size=32, seq_len=256, lr=2e-3, warmup=100, eval_every=300,
+SFT_TRAIN = TrainConfig(n_steps=3000, batch_size=32, seq_len=256, lr=2e-3, warmup=100, eval_every=300,
                         eval_tokens=32_768, bf16=True)
 _STRING = ("sort", "copy", "reverse", "add", "recall")
 PRETRAINED:dict[str, PretrainedSpec] = {
