@@ -324,6 +324,7 @@ def test_sliced_shell_wait_recovers_a_lost_wakeup_and_watchdog_ends_an_idle_wait
         asyncio.run(asyncio.wait_for(repro._sliced(c, never)(timeout=None), 5))
 
 
+@pytest.mark.slow  # a stress reproduction: two busy loops fill both cores for minutes (349 s at load 30)
 def test_explorers_never_hang_in_parallel_sweeps_on_a_busy_cpu(tmp_path):
     """The hang reproduction: many ipywidgets explorer cells (before the fix, 3 of 6 such runs hung at an explorer under
     load), with and without spawned processes earlier in the kernel, two kernels at a time, two busy-loop processes
@@ -366,6 +367,12 @@ def _within(seconds, fn, *args, **kw):
     return out["value"]
 
 
+# The tests on a real local Ray cluster start one (GCS, raylet, workers) per session: its start-up is the largest single
+# cost of this file (385 s at load 30, and past its deadline at load 40), so they run in `make test-all`. The Ray
+# executor's bad input and missing-package checks need no cluster and stay in `make test`.
+SLOW_RAY = pytest.mark.slow
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """A local Ray with 2 CPUs, usage statistics and dashboard off, token authentication with a throw-away token;
@@ -384,6 +391,7 @@ def _frame(runs):
     return repro.results("toy", runs).select(cols).sort(cols)
 
 
+@SLOW_RAY
 def test_ray_sweep_equals_local_records_a_failure_and_resumes(ray_local, tmp_path, monkeypatch):
     monkeypatch.setenv("LIPAPERS_NBS", str(FIXTURES))
     grid = ["n=1,2", "fail=false,true"]
@@ -446,6 +454,7 @@ def test_ray_missing_package_names_the_install_command(env, monkeypatch, capsys)
     assert "needs the optional ray package: pip install -e '.[ray]'" in last, last
 
 
+@SLOW_RAY
 def test_ray_wrong_token_is_one_clear_error(ray_local, tmp_path):
     addr = ray_local.get_runtime_context().gcs_address
     e = {"LIPAPERS_NBS": str(FIXTURES), "LIPAPERS_RUNS": str(tmp_path), "RAY_AUTH_MODE": "token",
@@ -548,6 +557,7 @@ def _worker_processes():
     return found
 
 
+@SLOW_RAY
 def test_ray_ctrl_c_cancels_remote_runs_and_their_kernels(ray_local, tmp_path, monkeypatch):
     import ctypes
     import threading
