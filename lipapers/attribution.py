@@ -21,9 +21,9 @@ __all__ = ['CHANNELS', 'TIMINGS', 'WORLDS', 'MODEL_CREDITS', 'PATH_METHODS', 'Jo
            'shapley_paths', 'MemberWeeks', 'time_bucket', 'member_weeks', 'Block', 'ConversionTransformer', 'restrict',
            'FitResult', 'fit_conversion_model', 'predict_proba', 'attention_credits', 'ig_credits',
            'model_shapley_credits', 'window_counts', 'logistic_counts', 'gbdt_counts', 'counts_shapley', 'share_error',
-           'hill', 'MMM', 'fit_mmm', 'reconcile', 'touch_shares', 'oracle_proba', 'fit_arms', 'credit_shares',
-           'run_world', 'credit_timing', 'mean_position', 'shift_vs_position', 'thin', 'poisson_bootstrap',
-           'path_windows', 'pathdata_attention', 'c5_rows', 'run_pathdata']
+           'hill', 'MMM', 'fit_mmm', 'reconcile', 'touch_shares', 'oracle_proba', 'fit_arms', 'path_shares',
+           'model_shares', 'credit_shares', 'run_world', 'credit_timing', 'mean_position', 'shift_vs_position', 'thin',
+           'poisson_bootstrap', 'path_windows', 'pathdata_attention', 'c5_rows', 'run_pathdata']
 
 # %% ../nbs/marketing/61_attribution.ipynb #7fce5623
 CHANNELS = ("display", "social", "email", "search", "webinar")
@@ -62,26 +62,19 @@ def _choices(field, v, valid):
 def check_config(cfg: JourneyConfig) -> JourneyConfig:
     "Validate `cfg` before any work: channel names, per-channel tuples, timing, null channel, sizes."
     ch = tuple(cfg.channels)
-    if len(ch) < 2:
-        raise ValueError(f"channels needs at least 2 names, got {ch}")
-    if len(set(ch)) != len(ch):
-        raise ValueError(f"channels has duplicates: {[c for c in ch if ch.count(c) > 1]}")
-    if "tv" in ch:
-        raise ValueError("channels: 'tv' is reserved for the aggregate-only channel (set tv=True)")
+    if len(ch) < 2: raise ValueError(f"channels needs at least 2 names, got {ch}")
+    if len(set(ch)) != len(ch): raise ValueError(f"channels has duplicates: {[c for c in ch if ch.count(c) > 1]}")
+    if "tv" in ch: raise ValueError("channels: 'tv' is reserved for the aggregate-only channel (set tv=True)")
     for f in ("rate", "stage", "beta", "tau"):
         if len(getattr(cfg, f)) != len(ch):
             raise ValueError(f"{f} needs one value per channel ({len(ch)}: {list(ch)}), got {len(getattr(cfg, f))}")
-    if min(cfg.rate) < 0 or max(cfg.rate) > 1:
-        raise ValueError(f"rate values must be in [0, 1], got {cfg.rate}")
-    if min(cfg.tau) <= 0:
-        raise ValueError(f"tau values must be > 0 weeks, got {cfg.tau}")
+    if min(cfg.rate) < 0 or max(cfg.rate) > 1: raise ValueError(f"rate values must be in [0, 1], got {cfg.rate}")
+    if min(cfg.tau) <= 0: raise ValueError(f"tau values must be > 0 weeks, got {cfg.tau}")
     _choices("timing", cfg.timing, TIMINGS)
-    if cfg.null_channel is not None:
-        _choices("null_channel", cfg.null_channel, ch)
+    if cfg.null_channel is not None: _choices("null_channel", cfg.null_channel, ch)
     if cfg.n_members < 10 or cfg.n_weeks < 2 or cfg.max_len < 1:
-        raise ValueError(
-            f"need n_members ≥ 10, n_weeks ≥ 2, max_len ≥ 1; got {cfg.n_members}, {cfg.n_weeks}, {cfg.max_len}"
-        )
+        raise ValueError(f"need n_members ≥ 10, n_weeks ≥ 2, max_len ≥ 1; "
+                         f"got {cfg.n_members}, {cfg.n_weeks}, {cfg.max_len}")
     return cfg
 
 # %% ../nbs/marketing/61_attribution.ipynb #88f60bcb
@@ -114,8 +107,7 @@ def _tv_grps(W, rng):
 def adstock(x: np.ndarray, theta: float) -> np.ndarray:
     "Geometric adstock along the last axis: a_w = x_w + θ·a_{w-1}."
     a = np.array(x, dtype=float, copy=True)
-    for w in range(1, a.shape[-1]):
-        a[..., w] += theta * a[..., w - 1]
+    for w in range(1, a.shape[-1]): a[..., w] += theta * a[..., w - 1]
     return a
 
 # %% ../nbs/marketing/61_attribution.ipynb #a73864c1
@@ -134,56 +126,53 @@ def _exposures(cfg, rng, u):
         T[c] = rng.random((N, W)) < p
     return T, start
 
-# %% ../nbs/marketing/61_attribution.ipynb #501f387f
-def simulate_journeys(cfg: JourneyConfig, seed: int) -> Sim:
-    "Simulate touches and weekly conversions (members leave after converting); logit p_iw as in the hazard model."
-    check_config(cfg)
-    rng = np.random.default_rng(seed)
-    N, W, C = cfg.n_members, cfg.n_weeks, len(cfg.channels)
-    u = rng.normal(0, cfg.sigma_u, N)
-    T, start = _exposures(cfg, rng, u)
-    macro = macro_weekly(W)
-    base = (cfg.beta0 + cfg.gamma * macro[None] + u[:, None]).astype(np.float32)
-    theta = lambda c: math.exp(-1 / cfg.tau[c]) if cfg.timing == "decay" else 1.0
+# %% ../nbs/marketing/61_attribution.ipynb #1390866b
+def _effects(cfg: JourneyConfig, T: np.ndarray, rng) -> tuple:
+    "Log-odds each player adds, (N, W) (TV: (W,)): β_c·Adstock_θc(touches), the order bonus δ, TV; and the GRPs."
+    theta = lambda c: math.exp(-1 / cfg.tau[c]) if cfg.timing == "decay" else 1.0  # θ_c = e^{-1/τ_c}
     beta = [0.0 if ch == cfg.null_channel else b for ch, b in zip(cfg.channels, cfg.beta)]
     parts = {ch: (beta[c] * adstock(T[c], theta(c))).astype(np.float32) for c, ch in enumerate(cfg.channels)}
     if cfg.order_effect and {"search", "webinar"} <= set(cfg.channels):
         s, wb = cfg.channels.index("search"), cfg.channels.index("webinar")
         after = T[wb] * (np.cumsum(T[s], 1) > 0)  # webinar touches after a search
         parts["order"] = (cfg.order_effect * adstock(after, theta(wb))).astype(np.float32)
-    grp = _tv_grps(W, rng) if cfg.tv else np.zeros(W)
-    if cfg.tv:
-        parts["tv"] = (cfg.tv_beta * adstock(grp, 0.5) / 100).astype(np.float32)
+    grp = _tv_grps(cfg.n_weeks, rng) if cfg.tv else np.zeros(cfg.n_weeks)
+    if cfg.tv: parts["tv"] = (cfg.tv_beta * adstock(grp, 0.5) / 100).astype(np.float32)
+    return parts, grp
+
+# %% ../nbs/marketing/61_attribution.ipynb #501f387f
+def simulate_journeys(cfg: JourneyConfig, seed: int) -> Sim:
+    "Simulate touches and weekly conversions (members leave after converting); logit p_iw as in the hazard model."
+    check_config(cfg)
+    rng = np.random.default_rng(seed)
+    N, W = cfg.n_members, cfg.n_weeks
+    u = rng.normal(0, cfg.sigma_u, N)  # u_i
+    T, start = _exposures(cfg, rng, u)
+    macro = macro_weekly(W)
+    base = (cfg.beta0 + cfg.gamma * macro[None] + u[:, None]).astype(np.float32)  # β0 + γ·macro_w + u_i
+    parts, grp = _effects(cfg, T, rng)
     p = 1 / (1 + np.exp(-(base + sum(parts.values()))))
     hit = rng.random((N, W)) < p
-    conv = np.where(hit.any(1), hit.argmax(1), -1)
+    conv = np.where(hit.any(1), hit.argmax(1), -1)  # the first hit week; the member leaves after it
     return _package(cfg, T, start, u, conv, macro, grp, base, parts)
 
 # %% ../nbs/marketing/61_attribution.ipynb #d1848ff7
 def _package(cfg, T, start, u, conv, macro, grp, base, parts):
+    "Touches (observed = at or before the member's conversion), members and weekly totals as polars frames."
     C, N, W = T.shape
     c, i, w = np.nonzero(T)
     o = np.lexsort((c, w, i))  # member, week, funnel order
     c, i, w = c[o], i[o], w[o]
     last = np.where(conv >= 0, conv, W - 1)
-    touches = pl.DataFrame(
-        {
-            "member_id": i.astype(np.int32),
-            "week": w.astype(np.int32),
-            "channel": c.astype(np.int8),
-            "observed": w <= last[i],
-        }
-    )
-    members = pl.DataFrame(
-        {"member_id": np.arange(N, dtype=np.int32), "u": u, "start": start, "conv_week": conv.astype(np.int32)}
-    )
-    cw = np.bincount(conv[conv >= 0], minlength=W)
+    touches = pl.DataFrame({"member_id": i.astype(np.int32), "week": w.astype(np.int32),
+                            "channel": c.astype(np.int8), "observed": w <= last[i]})
+    members = pl.DataFrame({"member_id": np.arange(N, dtype=np.int32), "u": u, "start": start,
+                            "conv_week": conv.astype(np.int32)})
     ob = touches.filter("observed")
-    tw = {
-        f"touches_{ch}": np.bincount(ob.filter(pl.col("channel") == k)["week"].to_numpy(), minlength=W)
-        for k, ch in enumerate(cfg.channels)
-    }
-    weekly = pl.DataFrame({"week": np.arange(W), "conversions": cw, "macro": macro, "tv_grp": grp, **tw})
+    tw = {f"touches_{ch}": np.bincount(ob.filter(pl.col("channel") == k)["week"].to_numpy(), minlength=W)
+          for k, ch in enumerate(cfg.channels)}
+    weekly = pl.DataFrame({"week": np.arange(W), "conversions": np.bincount(conv[conv >= 0], minlength=W),
+                           "macro": macro, "tv_grp": grp, **tw})
     return Sim(cfg, touches, members, weekly, base, parts)
 
 # %% ../nbs/marketing/61_attribution.ipynb #ce042fd6
@@ -196,33 +185,24 @@ def players(cfg: JourneyConfig) -> list:
 class TrainConfig:
     "Model and training knobs shared by every world."
 
-    d_model: int = 32
-    n_layers: int = 2
-    n_heads: int = 4
-    epochs: int = 3
-    batch_size: int = 256
-    lr: float = 3e-3
-    neg_rate: float = 0.1
-    ig_steps: int = 32
-    ig_n: int = 512
-    shapley_n: int = 5000
-    time_buckets: int = 16
+    d_model: int = 32  # transformer width D
+    n_layers: int = 2  # blocks
+    n_heads: int = 4  # heads H
+    epochs: int = 3  # one-cycle AdamW epochs
+    batch_size: int = 256  # member-weeks per step
+    lr: float = 3e-3  # peak learning rate
+    neg_rate: float = 0.1  # share of non-converting member-weeks kept
+    ig_steps: int = 32  # Riemann steps of integrated gradients
+    ig_n: int = 512  # converting windows explained by IG
+    shapley_n: int = 5000  # member-weeks in the model-Shapley value function
+    time_buckets: int = 16  # log buckets of Δt
 
-
-WORLDS = {
-    "main": {},
-    "counts": dict(timing="counts", order_effect=0.0),
-    "null": dict(null_channel="social"),
-    "tv": dict(tv=True),
-    "confounded": dict(confounded=1.0),
-}
-MODEL_CREDITS = {
-    "main": ("attention", "ig", "model_shapley"),
-    "counts": (),
-    "null": ("attention", "ig", "model_shapley"),
-    "tv": ("attention",),
-    "confounded": ("attention", "model_shapley"),
-}
+# %% ../nbs/marketing/61_attribution.ipynb #29d533d2
+WORLDS = {"main": {}, "counts": dict(timing="counts", order_effect=0.0), "null": dict(null_channel="social"),
+          "tv": dict(tv=True), "confounded": dict(confounded=1.0)}
+MODEL_CREDITS = {"main": ("attention", "ig", "model_shapley"), "counts": (),
+                 "null": ("attention", "ig", "model_shapley"), "tv": ("attention",),
+                 "confounded": ("attention", "model_shapley")}
 
 # %% ../nbs/marketing/61_attribution.ipynb #83d425d9
 def world_config(world: str, **kw) -> JourneyConfig:
@@ -234,27 +214,14 @@ def world_config(world: str, **kw) -> JourneyConfig:
 def sim_paths(sim: Sim) -> pl.DataFrame:
     "One row per member with ≥ 1 observed touch: path, conversions 0/1, nulls 1/0, dt (weeks to the end)."
     W, names = sim.cfg.n_weeks, list(sim.cfg.channels)
-    m = sim.members.select("member_id", "conv_week")
-    t = (
-        sim.touches.filter("observed")
-        .join(m, on="member_id")
-        .with_columns(
-            ch=pl.col("channel").cast(pl.Int64).replace_strict(list(range(len(names))), names, return_dtype=pl.Utf8),
-            dt=(pl.when(pl.col("conv_week") >= 0).then(pl.col("conv_week")).otherwise(W - 1) - pl.col("week")).cast(
-                pl.Float64
-            ),
-        )
-    )
-    g = t.group_by("member_id", maintain_order=True).agg(
-        path=pl.col("ch"), dt=pl.col("dt"), c=pl.col("conv_week").first()
-    )
-    return g.select(
-        "member_id",
-        "path",
-        conversions=(pl.col("c") >= 0).cast(pl.Int64),
-        nulls=(pl.col("c") < 0).cast(pl.Int64),
-        dt="dt",
-    )
+    end = pl.when(pl.col("conv_week") >= 0).then(pl.col("conv_week")).otherwise(W - 1)
+    name = pl.col("channel").cast(pl.Int64).replace_strict(list(range(len(names))), names, return_dtype=pl.Utf8)
+    t = (sim.touches.filter("observed").join(sim.members.select("member_id", "conv_week"), on="member_id")
+         .with_columns(ch=name, dt=(end - pl.col("week")).cast(pl.Float64)))
+    g = t.group_by("member_id", maintain_order=True).agg(path=pl.col("ch"), dt=pl.col("dt"),
+                                                         c=pl.col("conv_week").first())
+    return g.select("member_id", "path", conversions=(pl.col("c") >= 0).cast(pl.Int64),
+                    nulls=(pl.col("c") < 0).cast(pl.Int64), dt="dt")
 
 # %% ../nbs/marketing/61_attribution.ipynb #7a711d56
 def expected_conversions(sim: Sim, keep: list) -> float:
@@ -311,25 +278,18 @@ def check_paths(paths: pl.DataFrame, channels: list | None = None) -> pl.DataFra
     "Validate a paths frame (path list[str], conversions, nulls ≥ 0; optional dt list[float]) before any work."
     need = {"path", "conversions", "nulls"}
     if not isinstance(paths, pl.DataFrame) or need - set(paths.columns):
-        raise ValueError(
-            f"paths must be a polars DataFrame with columns {sorted(need)}, "
-            f"got {getattr(paths, 'columns', type(paths))}"
-        )
-    if paths.height == 0:
-        raise ValueError("paths is empty")
+        raise ValueError(f"paths must be a polars DataFrame with columns {sorted(need)}, "
+                         f"got {getattr(paths, 'columns', type(paths))}")
+    if paths.height == 0: raise ValueError("paths is empty")
     if (paths["path"].list.len() == 0).any():
-        raise ValueError(
-            f"path: {(paths['path'].list.len() == 0).sum()} empty path(s); every journey needs ≥ 1 touch"
-        )
+        n = (paths["path"].list.len() == 0).sum()
+        raise ValueError(f"path: {n} empty path(s); every journey needs ≥ 1 touch")
     for c in ("conversions", "nulls"):
-        if (paths[c] < 0).any():
-            raise ValueError(f"{c}: negative counts are not allowed (min {paths[c].min()})")
+        if (paths[c] < 0).any(): raise ValueError(f"{c}: negative counts are not allowed (min {paths[c].min()})")
     if channels is not None:
-        if len(set(channels)) != len(channels):
-            raise ValueError(f"channels has duplicates: {sorted(channels)}")
+        if len(set(channels)) != len(channels): raise ValueError(f"channels has duplicates: {sorted(channels)}")
         bad = set(paths["path"].explode().unique().to_list()) - set(channels)
-        if bad:
-            raise ValueError(f"path: unknown channels {sorted(bad)}; valid: {list(channels)}")
+        if bad: raise ValueError(f"path: unknown channels {sorted(bad)}; valid: {list(channels)}")
     return paths
 
 # %% ../nbs/marketing/61_attribution.ipynb #9b9e8ae4
@@ -379,38 +339,37 @@ def _no_loops(path: pl.Expr) -> pl.Expr:
     "Collapse repeated consecutive channels (a > a > b → a > b)."
     return path.list.eval(pl.element().filter(pl.element() != pl.element().shift(1).fill_null("")))
 
-# %% ../nbs/marketing/61_attribution.ipynb #cb114ae1
-def markov_removal(paths: pl.DataFrame, remove_loops: bool = True, normalize: bool = True) -> dict:
-    "Absorbing Markov chain; removal effect 1 − P(conv | c removed)/P(conv) in closed form; shares (or raw effects)."
-    p = check_paths(paths)
-    chs = channels_of(p)
+# %% ../nbs/marketing/61_attribution.ipynb #bd682a3a
+def _transitions(p: pl.DataFrame, chs: list) -> np.ndarray:
+    "Row-normalised transition matrix over start, channels (1..k) → channels, conversion (k+1), null (k+2)."
     k = len(chs)
-    if remove_loops:
-        p = p.with_columns(path=_no_loops(pl.col("path")))
     ix = pl.DataFrame({"ch": chs, "i": np.arange(1, k + 1)})
-    e = (
-        p.with_row_index("j")
-        .with_columns(n=pl.col("conversions") + pl.col("nulls"))
-        .explode("path")
-        .join(ix, left_on="path", right_on="ch", maintain_order="left")
-        .with_columns(prev=pl.col("i").shift(1).over("j").fill_null(0))
-    )
+    e = (p.with_row_index("j").with_columns(n=pl.col("conversions") + pl.col("nulls")).explode("path")
+         .join(ix, left_on="path", right_on="ch", maintain_order="left")
+         .with_columns(prev=pl.col("i").shift(1).over("j").fill_null(0)))
     M = np.zeros((k + 1, k + 3))  # rows: start, channels; cols + conv, null
     np.add.at(M, (e["prev"].to_numpy(), e["i"].to_numpy()), e["n"].to_numpy().astype(float))
     end = e.group_by("j").agg(pl.col("i").last(), pl.col("conversions").first(), pl.col("nulls").first())
     np.add.at(M, (end["i"].to_numpy(), k + 1), end["conversions"].to_numpy().astype(float))
     np.add.at(M, (end["i"].to_numpy(), k + 2), end["nulls"].to_numpy().astype(float))
-    P = M / M.sum(1, keepdims=True).clip(1e-300)
+    return M / M.sum(1, keepdims=True).clip(1e-300)
 
-    def p_conv(drop=None):
-        Q, r = P[:, : k + 1].copy(), P[:, k + 1].copy()
-        if drop is not None:
-            Q[:, drop] = 0
-            r[drop] = 0  # entering `drop` means null
-        return np.linalg.solve(np.eye(k + 1) - Q, r)[0]
+# %% ../nbs/marketing/61_attribution.ipynb #2c8dd7ec
+def _p_conv(P: np.ndarray, drop: int | None = None) -> float:
+    "P(conv) from the start state, [(I − Q)⁻¹ r]_start; removing state `drop` sends every entry into it to null."
+    Q, r = P[:, :-2].copy(), P[:, -2].copy()  # transient block, one-step conversion
+    if drop is not None: Q[:, drop], r[drop] = 0, 0
+    return np.linalg.solve(np.eye(len(Q)) - Q, r)[0]
 
-    base = p_conv()
-    eff = {c: 1 - p_conv(i + 1) / base for i, c in enumerate(chs)}
+# %% ../nbs/marketing/61_attribution.ipynb #cb114ae1
+def markov_removal(paths: pl.DataFrame, remove_loops: bool = True, normalize: bool = True) -> dict:
+    "Absorbing Markov chain; removal effect 1 − P(conv | c removed)/P(conv) in closed form; shares (or raw effects)."
+    p = check_paths(paths)
+    chs = channels_of(p)
+    if remove_loops: p = p.with_columns(path=_no_loops(pl.col("path")))
+    P = _transitions(p, chs)
+    base = _p_conv(P)
+    eff = {c: 1 - _p_conv(P, i + 1) / base for i, c in enumerate(chs)}
     return shares(eff) if normalize else eff
 
 # %% ../nbs/marketing/61_attribution.ipynb #0bf090c9
@@ -480,31 +439,31 @@ def _at_risk(sim: Sim, ids: np.ndarray, neg_rate: float, seed: int):
     keep = y | (np.random.default_rng(seed).random(len(y)) < neg_rate)
     return i[keep], w[keep], y[keep]
 
-# %% ../nbs/marketing/61_attribution.ipynb #3272e83c
-def member_weeks(
-    sim: Sim,
-    members: np.ndarray | None = None,  # member ids to use (default: all)
-    neg_rate: float = 0.1,  # share of non-converting weeks kept
-    seed: int = 0,
-    max_len: int | None = None,  # window length (default: the world's max_len)
-    time_buckets: int = 16,
-) -> MemberWeeks:
-    "Every at-risk member-week (empty windows too); negatives kept with prob `neg_rate` (weight 1/neg_rate)."
-    if not 0 < neg_rate <= 1:
-        raise ValueError(f"neg_rate must be in (0, 1], got {neg_rate}")
-    L, W = max_len or sim.cfg.max_len, sim.cfg.n_weeks
-    mid, wk, ch = _check_touches(sim)
-    ids = np.arange(sim.cfg.n_members) if members is None else np.asarray(members)
-    i, w, y = _at_risk(sim, ids, neg_rate, seed)
+# %% ../nbs/marketing/61_attribution.ipynb #ade5a541
+def _windows(mid, wk, ch, i, w, L: int, W: int):
+    "The last L touches of member i up to week w (newest first): channel ids, a validity mask, Δt = w − touch week."
     key = mid.astype(np.int64) * (W + 1) + wk  # touches are sorted by member, week
     end = np.searchsorted(key, i.astype(np.int64) * (W + 1) + w, side="right")
     beg = np.searchsorted(key, i.astype(np.int64) * (W + 1), side="left")
     idx = end[:, None] - 1 - np.arange(L)[None]  # newest first
     valid = idx >= beg[:, None]
     idx = np.where(valid, idx, 0)
-    dt = np.where(valid, w[:, None] - wk[idx], -1)
+    return ch[idx], valid, np.where(valid, w[:, None] - wk[idx], -1)
+
+# %% ../nbs/marketing/61_attribution.ipynb #3272e83c
+def member_weeks(sim: Sim, members: np.ndarray | None = None, # member ids to use (default: all)
+                 neg_rate: float = 0.1, # share of non-converting weeks kept
+                 seed: int = 0, max_len: int | None = None, # window length (default: the world's max_len)
+                 time_buckets: int = 16) -> MemberWeeks:
+    "Every at-risk member-week (empty windows too); negatives kept with prob `neg_rate` (weight 1/neg_rate)."
+    if not 0 < neg_rate <= 1: raise ValueError(f"neg_rate must be in (0, 1], got {neg_rate}")
+    L, W = max_len or sim.cfg.max_len, sim.cfg.n_weeks
+    mid, wk, ch = _check_touches(sim)
+    ids = np.arange(sim.cfg.n_members) if members is None else np.asarray(members)
+    i, w, y = _at_risk(sim, ids, neg_rate, seed)
+    c, valid, dt = _windows(mid, wk, ch, i, w, L, W)
     T = lambda x, dtype=None: torch.as_tensor(x, dtype=dtype)
-    return MemberWeeks(T(np.where(valid, ch[idx] + 1, 0), torch.long),
+    return MemberWeeks(T(np.where(valid, c + 1, 0), torch.long),
                        T(np.where(valid, time_bucket(np.maximum(dt, 0), time_buckets), 0)),
                        T(y, torch.float32), T(np.where(y, 1.0, 1 / neg_rate), torch.float32), T(i), T(w),
                        T(dt, torch.float32))
@@ -529,19 +488,10 @@ class Block(nn.Module):
 class ConversionTransformer(nn.Module):
     "P(convert | touch sequence): channel + position (+ time-bucket) embeddings, a CLS token, sigmoid head."
 
-    def __init__(
-        self,
-        n_channels: int,
-        d_model: int = 32,
-        n_layers: int = 2,
-        n_heads: int = 4,
-        max_len: int = 32,
-        time_buckets: int = 16,
-        temporal: bool = True,
-    ):
+    def __init__(self, n_channels: int, d_model: int = 32, n_layers: int = 2, n_heads: int = 4, max_len: int = 32,
+                 time_buckets: int = 16, temporal: bool = True):
         super().__init__()
-        if d_model % n_heads:
-            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        if d_model % n_heads: raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
         self.n_channels, self.max_len, self.time_buckets, self.temporal = n_channels, max_len, time_buckets, temporal
         self.ch = nn.Embedding(n_channels + 1, d_model, padding_idx=0)
         self.pos = nn.Embedding(max_len, d_model)
@@ -603,8 +553,7 @@ def restrict(ch: Tensor, tb: Tensor, keep: Tensor) -> tuple:
     "Drop the touches whose channel id is not in `keep` and re-pack (newest first), as if they never happened."
     k = torch.isin(ch, keep) & (ch > 0)
     o = torch.sort((~k).to(torch.int8), dim=1, stable=True).indices
-    ch2, tb2, k2 = ch.gather(1, o), tb.gather(1, o), k.gather(1, o)
-    return ch2 * k2, tb2 * k2
+    return ch.gather(1, o) * k.gather(1, o), tb.gather(1, o) * k.gather(1, o)
 
 # %% ../nbs/marketing/61_attribution.ipynb #87bd2685
 @dataclass
@@ -617,35 +566,21 @@ class FitResult:
     neg_rate: float
 
 # %% ../nbs/marketing/61_attribution.ipynb #c319b78b
-def fit_conversion_model(
-    data: MemberWeeks,
-    n_channels: int,
-    temporal: bool = True,
-    epochs: int = 3,
-    batch_size: int = 256,
-    lr: float = 3e-3,
-    seed: int = 0,
-    neg_rate: float = 0.1,
-    weight: Tensor | None = None,
-    **kw,
-) -> FitResult:
-    "Train a ConversionTransformer on member-weeks (BCE, optionally weighted)."
+def fit_conversion_model(data: MemberWeeks, n_channels: int, temporal: bool = True, epochs: int = 3,
+                         batch_size: int = 256, lr: float = 3e-3, seed: int = 0, neg_rate: float = 0.1,
+                         weight: Tensor | None = None, **kw) -> FitResult:
+    "Train a ConversionTransformer on member-weeks (BCE, optionally weighted; one-cycle AdamW)."
     seed_everything(seed)
     m = ConversionTransformer(n_channels, temporal=temporal, max_len=data.ch.shape[1], **kw)
     opt = torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=1e-4)
     n = len(data)
-    steps = epochs * math.ceil(n / batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * math.ceil(n / batch_size), pct_start=0.1)
     losses, t0 = [], time.perf_counter()
     m.train()
     for idx in batches(n, batch_size, seed, epochs):
-        ch, tb = _trim(data.ch[idx], data.tb[idx])
         w = None if weight is None else weight[idx] / weight[idx].mean()
-        loss = F.binary_cross_entropy_with_logits(m(ch, tb), data.y[idx], weight=w)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
+        loss = F.binary_cross_entropy_with_logits(m(*_trim(data.ch[idx], data.tb[idx])), data.y[idx], weight=w)
+        opt.zero_grad(); loss.backward(); opt.step(); sched.step()
         losses.append(loss.item())
     m.eval()
     return FitResult(m, losses, time.perf_counter() - t0, neg_rate)
@@ -719,10 +654,8 @@ def logistic_counts(X: np.ndarray, y: np.ndarray, C: float = 1.0):
 def gbdt_counts(X: np.ndarray, y: np.ndarray, seed: int = 0):
     "Histogram gradient boosting on touch counts (sklearn)."
     from sklearn.ensemble import HistGradientBoostingClassifier
-
-    return HistGradientBoostingClassifier(
-        max_iter=200, learning_rate=0.1, early_stopping=True, random_state=seed
-    ).fit(X, y)
+    clf = HistGradientBoostingClassifier(max_iter=200, learning_rate=0.1, early_stopping=True, random_state=seed)
+    return clf.fit(X, y)
 
 # %% ../nbs/marketing/61_attribution.ipynb #048871be
 def counts_shapley(clf, X: np.ndarray, wt: np.ndarray, neg_rate: float) -> np.ndarray:
@@ -769,42 +702,34 @@ class MMM:
 def _mmm_design(X, thetas, hs):
     return np.stack([hill(adstock(X[:, j], thetas[j]), hs[j]) for j in range(X.shape[1])], 1)
 
+# %% ../nbs/marketing/61_attribution.ipynb #89e5e332
+def _hill_scales(X: np.ndarray, thetas) -> list:
+    "Hill half-saturation h_c: the median positive adstocked level of each channel (1 for a channel never on)."
+    def h(j):
+        a = adstock(X[:, j], thetas[j])
+        return max(np.median(a[a > 0]), 1e-9) if (X[:, j] > 0).any() else 1.0
+    return [h(j) for j in range(X.shape[1])]
+
 # %% ../nbs/marketing/61_attribution.ipynb #bc242311
-def fit_mmm(
-    weekly: pl.DataFrame,
-    media: list,
-    controls: list = (),
-    y: str = "conversions",
-    thetas: tuple = (0.0, 0.3, 0.6, 0.8, 0.9),
-    alpha: float = 1.0,
-) -> MMM:
+def fit_mmm(weekly: pl.DataFrame, media: list, controls: list = (), y: str = "conversions",
+            thetas: tuple = (0.0, 0.3, 0.6, 0.8, 0.9), alpha: float = 1.0) -> MMM:
     "Ridge MMM y_w = β0 + Σ_c β_c Hill(Adstock_θc(x_c))_w + γ·z_w; θ_c by coordinate search; removal contributions."
     from sklearn.linear_model import Ridge
-
     miss = [c for c in [y, *media, *controls] if c not in weekly.columns]
-    if miss:
-        raise ValueError(f"weekly has no columns {miss}; columns: {weekly.columns}")
+    if miss: raise ValueError(f"weekly has no columns {miss}; columns: {weekly.columns}")
     X, Y = weekly.select(media).to_numpy().astype(float), weekly[y].to_numpy().astype(float)
     Z = weekly.select(list(controls)).to_numpy().astype(float) if controls else np.zeros((len(Y), 0))
-    hs = lambda th: [
-        max(np.median(adstock(X[:, j], th[j])[adstock(X[:, j], th[j]) > 0]), 1e-9) if (X[:, j] > 0).any() else 1.0
-        for j in range(X.shape[1])
-    ]
-
     def fit(th):
-        D = np.hstack([_mmm_design(X, th, hs(th)), Z])
+        D = np.hstack([_mmm_design(X, th, _hill_scales(X, th)), Z])
         r = Ridge(alpha=alpha, positive=True).fit(D, Y)
         return r, D, r.score(D, Y)
-
     th = [0.5] * len(media)
-    for _ in range(2):
-        for j in range(len(media)):
-            th[j] = max(thetas, key=lambda t: fit(th[:j] + [t] + th[j + 1 :])[2])
+    for _ in range(2):  # two rounds of coordinate search over θ_c
+        for j in range(len(media)): th[j] = max(thetas, key=lambda t: fit(th[:j] + [t] + th[j + 1 :])[2])
     r, D, r2 = fit(th)
     contrib = {c: float((r.coef_[j] * D[:, j]).sum()) for j, c in enumerate(media)}
-    return MMM(
-        dict(zip(media, th)), dict(zip(media, hs(th))), dict(zip(media, r.coef_[: len(media)])), contrib, float(r2)
-    )
+    return MMM(dict(zip(media, th)), dict(zip(media, _hill_scales(X, th))), dict(zip(media, r.coef_[: len(media)])),
+               contrib, float(r2))
 
 # %% ../nbs/marketing/61_attribution.ipynb #33dc4b34
 def reconcile(dda: dict, mmm: dict, aggregate_only: list, mode: str = "aggregate") -> dict:
@@ -840,6 +765,12 @@ def oracle_proba(sim: Sim, d: MemberWeeks) -> np.ndarray:
     z = sim.base + sum(sim.parts.values())
     return 1 / (1 + np.exp(-z[d.member.numpy(), d.week.numpy()]))
 
+# %% ../nbs/marketing/61_attribution.ipynb #b869b080
+def _fit_kw(tc: TrainConfig, seed: int) -> dict:
+    "fit_conversion_model's keyword arguments from a TrainConfig (the IG and Shapley knobs are not training knobs)."
+    keys = ("d_model", "n_layers", "n_heads", "epochs", "batch_size", "lr", "neg_rate", "time_buckets")
+    return {k: getattr(tc, k) for k in keys} | dict(seed=seed)
+
 # %% ../nbs/marketing/61_attribution.ipynb #b8660cd5
 def fit_arms(sim: Sim, tc: TrainConfig, seed: int, temporal_ablation: bool = True) -> dict:
     "Split members 80/20, fit logistic/GBDT on counts and the transformer(s); AUCs on held-out members."
@@ -849,76 +780,67 @@ def fit_arms(sim: Sim, tc: TrainConfig, seed: int, temporal_ablation: bool = Tru
     tr = member_weeks(sim, perm[:cut], tc.neg_rate, seed, time_buckets=tc.time_buckets)
     te = member_weeks(sim, perm[cut:], tc.neg_rate, seed + 1, time_buckets=tc.time_buckets)
     Xtr, Xte = window_counts(tr, C), window_counts(te, C)
-    out = dict(
-        train=tr, test=te, logistic=logistic_counts(Xtr, tr.y.numpy()), gbdt=gbdt_counts(Xtr, tr.y.numpy(), seed)
-    )
-    kw = dict(
-        d_model=tc.d_model,
-        n_layers=tc.n_layers,
-        n_heads=tc.n_heads,
-        epochs=tc.epochs,
-        batch_size=tc.batch_size,
-        lr=tc.lr,
-        seed=seed,
-        neg_rate=tc.neg_rate,
-        time_buckets=tc.time_buckets,
-    )
-    out["transformer"] = fit_conversion_model(tr, C, temporal=True, **kw)
-    if temporal_ablation:
-        out["transformer_notime"] = fit_conversion_model(tr, C, temporal=False, **kw)
-    auc = {
-        "oracle": _auc(te.y, oracle_proba(sim, te)),
-        "logistic": _auc(te.y, out["logistic"].decision_function(Xte)),
-        "gbdt": _auc(te.y, out["gbdt"].predict_proba(Xte)[:, 1]),
-    }
+    out = dict(train=tr, test=te, logistic=logistic_counts(Xtr, tr.y.numpy()),
+               gbdt=gbdt_counts(Xtr, tr.y.numpy(), seed))
+    out["transformer"] = fit_conversion_model(tr, C, temporal=True, **_fit_kw(tc, seed))
+    if temporal_ablation: out["transformer_notime"] = fit_conversion_model(tr, C, temporal=False, **_fit_kw(tc, seed))
+    auc = {"oracle": _auc(te.y, oracle_proba(sim, te)), "logistic": _auc(te.y, out["logistic"].decision_function(Xte)),
+           "gbdt": _auc(te.y, out["gbdt"].predict_proba(Xte)[:, 1])}
     for k in ("transformer", "transformer_notime"):
-        if k in out:
-            auc[k] = _auc(te.y, predict_proba(out[k], te.ch, te.tb))
-    out["auc"] = auc
+        if k in out: auc[k] = _auc(te.y, predict_proba(out[k], te.ch, te.tb))
+    return out | dict(auc=auc)
+
+# %% ../nbs/marketing/61_attribution.ipynb #2d07bdb3
+def path_shares(paths: pl.DataFrame) -> dict:
+    "Channel shares of every path baseline on the members' paths (rules, Markov removal, Shapley over channel sets)."
+    return {"last_touch": last_touch(paths), "first_touch": first_touch(paths), "linear": linear(paths),
+            "time_decay": time_decay(paths), "markov": markov_removal(paths), "shapley_paths": shapley_paths(paths)}
+
+# %% ../nbs/marketing/61_attribution.ipynb #391cedce
+def model_shares(fit: FitResult, allw: MemberWeeks, chs: list, tc: TrainConfig, seed: int, which: tuple) -> dict:
+    "Channel shares of one transformer: attention on every converting window, IG on the first `ig_n`, model Shapley."
+    pos, out = allw.take(allw.y > 0), {}
+    few = pos.take(torch.arange(min(tc.ig_n, len(pos))))
+    if "attention" in which: out["attention"] = touch_shares(attention_credits(fit.model, pos.ch, pos.tb), pos.ch, chs)
+    if "ig" in which:
+        out["ig"] = touch_shares(ig_credits(fit.model, few.ch, few.tb, tc.ig_steps), few.ch, chs, positive=True)
+    if "model_shapley" in which:
+        out["model_shapley"] = positive_shares(dict(zip(chs, model_shapley_credits(fit, allw, len(chs), tc.shapley_n,
+                                                                                    seed))))
     return out
 
 # %% ../nbs/marketing/61_attribution.ipynb #e77cd78a
-def credit_shares(
-    sim: Sim, arms: dict, tc: TrainConfig, seed: int, which: tuple = ("attention", "ig", "model_shapley")
-) -> dict:
+def credit_shares(sim: Sim, arms: dict, tc: TrainConfig, seed: int,
+                  which: tuple = ("attention", "ig", "model_shapley")) -> dict:
     "Channel shares from every credit method: path methods on member paths, model credits on all members."
     chs = list(sim.cfg.channels)
-    C = len(chs)
-    paths = sim_paths(sim)
-    out = {
-        "last_touch": last_touch(paths),
-        "first_touch": first_touch(paths),
-        "linear": linear(paths),
-        "time_decay": time_decay(paths),
-        "markov": markov_removal(paths),
-        "shapley_paths": shapley_paths(paths),
-    }
+    out = path_shares(sim_paths(sim))
     allw = member_weeks(sim, None, tc.neg_rate, seed + 2, time_buckets=tc.time_buckets)
-    pos = allw.take(allw.y > 0)
-    X = window_counts(allw, C)
-    out["logistic_shapley"] = positive_shares(
-        dict(zip(chs, counts_shapley(arms["logistic"], X, allw.wt.numpy(), tc.neg_rate)))
-    )
+    ls = counts_shapley(arms["logistic"], window_counts(allw, len(chs)), allw.wt.numpy(), tc.neg_rate)
+    out["logistic_shapley"] = positive_shares(dict(zip(chs, ls)))
     for k, suf in (("transformer", ""), ("transformer_notime", "_notime")):
-        if k not in arms:
-            continue
-        f, few = arms[k], pos.take(torch.arange(min(tc.ig_n, len(pos))))
-        if "attention" in which:
-            out["attention" + suf] = touch_shares(attention_credits(f.model, pos.ch, pos.tb), pos.ch, chs)
-        if "ig" in which:
-            out["ig" + suf] = touch_shares(
-                ig_credits(f.model, few.ch, few.tb, tc.ig_steps), few.ch, chs, positive=True
-            )
-        if "model_shapley" in which:
-            out["model_shapley" + suf] = positive_shares(
-                dict(zip(chs, model_shapley_credits(f, allw, C, tc.shapley_n, seed)))
-            )
+        if k in arms: out |= {m + suf: s for m, s in model_shares(arms[k], allw, chs, tc, seed, which).items()}
     return out
 
+# %% ../nbs/marketing/61_attribution.ipynb #7d067edc
+def _mmm_rows(sim: Sim, est: dict) -> list:
+    "TV world: fit the MMM on weekly totals, add its shares and DDA+MMM (attention reconciled on TV); its R² row."
+    cfg = sim.cfg
+    mmm = fit_mmm(sim.weekly, [f"touches_{c}" for c in cfg.channels] + ["tv_grp"], ["macro"])
+    mm = dict(zip(players(cfg), mmm.contribution.values()))
+    est["mmm"], est["dda_mmm"] = shares(mm), reconcile(est["attention"], mm, ["tv"])
+    return [dict(method="mmm", metric="mmm_r2", value=mmm.r2)]
+
+# %% ../nbs/marketing/61_attribution.ipynb #638a737c
+def _timing_rows(arms: dict, tc: TrainConfig, repeats: int) -> list:
+    "Credit cost on the held-out converting windows: ms of a forward pass, the other methods as multiples of it."
+    t = credit_timing(arms["transformer"], arms["test"].take(arms["test"].y > 0), ig_steps=tc.ig_steps, repeats=repeats)
+    return [dict(method=k, metric="ms" if k.startswith("forward_ms") else "time_vs_forward", value=v)
+            for k, v in t.items()]
+
 # %% ../nbs/marketing/61_attribution.ipynb #2fe97d45
-def run_world(
-    world: str, seed: int, tc: TrainConfig, temporal_ablation: bool = True, timing_repeats: int = 0, **cfg_kw
-) -> pl.DataFrame:
+def run_world(world: str, seed: int, tc: TrainConfig, temporal_ablation: bool = True, timing_repeats: int = 0,
+              **cfg_kw) -> pl.DataFrame:
     "One world, one seed: truth, AUCs, every credit method's shares and its L1/Spearman vs the truth (long format)."
     cfg = world_config(world, **cfg_kw)
     sim = simulate_journeys(cfg, seed)
@@ -926,26 +848,12 @@ def run_world(
     arms = fit_arms(sim, tc, seed, temporal_ablation and world == "main")
     rows = [dict(method=k, metric="auc", value=v) for k, v in arms["auc"].items()]
     est = {"truth": truth, **credit_shares(sim, arms, tc, seed, MODEL_CREDITS[world])}
-    if cfg.tv:
-        mmm = fit_mmm(sim.weekly, [f"touches_{c}" for c in cfg.channels] + ["tv_grp"], ["macro"])
-        mm = dict(zip(players(cfg), mmm.contribution.values()))
-        est["mmm"], est["dda_mmm"] = shares(mm), reconcile(est["attention"], mm, ["tv"])
-        rows.append(dict(method="mmm", metric="mmm_r2", value=mmm.r2))
-    if timing_repeats and world == "main":
-        t = credit_timing(
-            arms["transformer"], arms["test"].take(arms["test"].y > 0), ig_steps=tc.ig_steps, repeats=timing_repeats
-        )
-        rows += [
-            dict(method=k, metric="ms" if k.startswith("forward_ms") else "time_vs_forward", value=v)
-            for k, v in t.items()
-        ]
+    if cfg.tv: rows += _mmm_rows(sim, est)
+    if timing_repeats and world == "main": rows += _timing_rows(arms, tc, timing_repeats)
     for meth, s in est.items():
         rows += [dict(method=meth, metric="share", value=s.get(p, 0.0), channel=p) for p in players(cfg)]
-        if meth != "truth":
-            rows += [dict(method=meth, metric=k, value=v) for k, v in share_error(s, truth).items()]
-    for r in rows:
-        r.update(world=world, seed=seed)
-    return pl.DataFrame(rows, infer_schema_length=None)
+        if meth != "truth": rows += [dict(method=meth, metric=k, value=v) for k, v in share_error(s, truth).items()]
+    return pl.DataFrame([r | dict(world=world, seed=seed) for r in rows], infer_schema_length=None)
 
 # %% ../nbs/marketing/61_attribution.ipynb #6dfccb1c
 def credit_timing(fit: FitResult, data: MemberWeeks, n: int = 1024, ig_steps: int = 32, repeats: int = 5) -> dict:
