@@ -17,7 +17,6 @@ ROOT = Path(__file__).resolve().parents[1]
 NBS = ROOT / "nbs"
 NOTEBOOKS = sorted(p for p in NBS.glob("**/*.ipynb") if not any(part.startswith((".", "_")) for part in p.relative_to(NBS).parts))
 NOT_YET_LESSONS = {
-    "climate/70_wxc.ipynb",
 }
 CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 DEBRIS = re.compile(r"/tmp/|/var/folders/|\.tmp-\d|\.[0-9a-f]{12}\.tmp|lipapers-[a-z0-9_]+-[a-z0-9_]{8}\b|"
