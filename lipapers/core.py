@@ -398,6 +398,7 @@ def _label(c:Claim, s:Paired)->tuple[str, str]:
         if s.lo > c.tolerance or s.hi < -c.tolerance: return "contradicted", f"interval outside ±{c.tolerance:g}"
         return "cannot discriminate", f"interval overlaps the ±{c.tolerance:g} bound"
     if s.lo > 0: return "reproduced", "interval excludes 0 on the paper's side"
+    if s.hi < 0: return "contradicted", "interval excludes 0 on the other side"
     if c.effect is None: return "cannot discriminate", "no paper effect size to test against"
     if s.mde > c.effect: return "cannot discriminate", f"MDE {s.mde:.3g} > paper's effect {c.effect:g}"
     if s.hi < c.effect: return "contradicted", f"interval excludes the paper's effect {c.effect:g}"

@@ -117,6 +117,8 @@ def test_paired_stats_matches_statsmodels_free_formula():
     ("lower", [0.9, 0.8, 0.85, 0.88], "reproduced"),
     ("higher", [1.0, 1.001, 0.999, 1.0], "contradicted"),
     ("higher", [1.5, 0.5, 1.6, 0.4], "cannot discriminate"),
+    # MDE (~0.45) far above the effect, but the whole interval lies below 0: the paper's direction is refuted
+    ("higher", [0.5, 0.8, 0.3, 0.7], "contradicted"),
 ])
 def test_verdict_rule(direction, treat, label):
     c = Claim("C", "s", "cited", "m", "a", "b", effect=0.1, direction=direction)
@@ -134,6 +136,14 @@ def test_one_sample_claim_against_a_threshold():
     c = Claim("M", "memory ≤ 0.2× naive", "cited", "m", "a", direction="lower", null=0.2, effect=0.05)
     df = pl.DataFrame([dict(method="a", metric="m", value=v, seed=i) for i, v in enumerate([0.15, 0.16, 0.14])])
     assert verdict(c, df).label == "reproduced"
+
+
+def test_fixed_target_missed_with_confidence_is_contradicted():
+    c = Claim("T", "exact match >= 0.8", "cited", "m", "a", direction="higher", null=0.8)  # no effect size: a target
+    low = pl.DataFrame([dict(method="a", metric="m", value=v, seed=i) for i, v in enumerate([0.30, 0.35, 0.32])])
+    assert verdict(c, low).label == "contradicted"
+    mixed = pl.DataFrame([dict(method="a", metric="m", value=v, seed=i) for i, v in enumerate([0.5, 1.0, 0.9])])
+    assert verdict(c, mixed).label == "cannot discriminate"
 
 
 def test_requires_a_reproduced_control():
