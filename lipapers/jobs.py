@@ -17,8 +17,8 @@ __all__ = ['TEMPLATES', 'ARMS', 'CONTROLS', 'Templates', 'world_templates', 'met
            'link_scores', 'recall_fpr', 'link_retrieve', 'budget_utilization', 'pair_truth', 'attribute_targeting',
            'tower_cards', 'TwoTower', 'batch_softmax_loss', 'n_easy', 'train_two_tower', 'faiss_topk', 'recall_at_ks',
            'hybrid_search', 'check_choices', 'job_world', 'time_split', 'retrieval_rows', 'link_curves', 'budget_rows',
-           'links_arm', 'curve_figure', 'heldout_applies', 'pair_features', 'inbatch_kl', 'baseline_topk',
-           'table1_rows', 'ebr_arm', 'mix_arm', 'bench_pass', 'hybrid_bench']
+           'links_arm', 'curve_figure', 'heldout_applies', 'pair_features', 'inbatch_kl', 'balance_log',
+           'baseline_topk', 'table1_rows', 'ebr_arm', 'mix_arm', 'bias_arm', 'bench_pass', 'hybrid_bench']
 
 # %% ../nbs/retrieval/41_jobs.ipynb #f991efc6
 TEMPLATES = ("title", "seniority", "industry", "location", "skill")
@@ -380,12 +380,11 @@ def check_choices(value:str|list, valid:tuple, name:str)->list:
     return got
 
 # %% ../nbs/retrieval/41_jobs.ipynb #2cfcda55
-def job_world(arm:str, control:str, seed:int=0, n_members:int=2000, n_jobs:int=2000):
-    "The world of an arm's control: links off = no hire rule; ebr positive = sourced exposure, negative = uniform."
+def job_world(arm:str, control:str, seed:int=0, n_members:int=2000, n_jobs:int=2000, exposure:str="sourced"):
+    "The world of an arm's control: links negative = no hire rule; `exposure` is the world's logging policy."
     from lipapers.world import World
-    kw = dict(seed=seed, n_members=n_members, n_jobs=n_jobs, n_posts=200)
+    kw = dict(seed=seed, n_members=n_members, n_jobs=n_jobs, n_posts=200, exposure=exposure)
     if arm == "links" and control == "negative": kw |= dict(hire_skill=0.0, hire_seniority=0.0)
-    if arm == "ebr": kw |= dict(exposure="sourced" if control == "positive" else "uniform")
     return World.generate(**kw)
 
 # %% ../nbs/retrieval/41_jobs.ipynb #f0b7a094
@@ -485,12 +484,17 @@ def pair_features(w, T:Templates, m, j)->np.ndarray:
                      T.member["title"][m] == T.job["title"][j], cos], 1).astype(np.float32)
 
 # %% ../nbs/retrieval/41_jobs.ipynb #b2e7a0d6
-def inbatch_kl(job_ids, n_jobs:int, n:int=2000, seed:int=0)->float:
-    "KL(applied-job marginal ‖ uniform inventory) = log N − H(p) on `n` sampled applies (equal plug-in bias)."
-    j = np.random.default_rng(seed).choice(np.asarray(job_ids), n, replace=True)
-    p = np.bincount(j, minlength=n_jobs) / n
-    p = p[p > 0]
-    return float(np.log(n_jobs) + (p * np.log(p)).sum())
+def inbatch_kl(job_ids, n_jobs:int)->float:
+    "KL(applied-job marginal ‖ uniform inventory) = log N − Ĥ, Ĥ the Miller–Madow entropy of all the applies."
+    c = np.bincount(np.asarray(job_ids), minlength=n_jobs); n = c.sum(); p = c[c > 0] / n
+    return float(np.log(n_jobs) + (p * np.log(p)).sum() - (len(p) - 1) / (2 * n))  # Ĥ = H_plug-in + (K − 1)/2n
+
+# %% ../nbs/retrieval/41_jobs.ipynb
+def balance_log(apps:pl.DataFrame, seed:int=0)->pl.DataFrame:
+    "As many applications, resampled with weight 1 / (applies of their job): a flat applied-job marginal."
+    j = apps["job_id"].to_numpy(); w = 1 / np.bincount(j)[j]
+    i = np.random.default_rng([seed, 4102]).choice(len(j), len(j), p=w / w.sum())
+    return apps[np.sort(i)]
 
 # %% ../nbs/retrieval/41_jobs.ipynb #396edebc
 def baseline_topk(w, T:Templates, members, imps:pl.DataFrame, apps:pl.DataFrame, kmax:int, seed:int=0)->dict:
@@ -522,7 +526,7 @@ def table1_rows(tops:dict, test:pl.DataFrame, members, ks=(10, 100, 1000))->list
 def ebr_arm(w, T:Templates, apps:pl.DataFrame, imps:pl.DataFrame, test:pl.DataFrame, members, easy_fracs=(0.5,),
             hard_ks=(16,), curriculum_from:float=0.5, dim:int=32, batch:int=128, steps:int=80,
             stage2_steps:int=40, lr:float=0.01, ewc:float=1.0, ks=(10, 100, 1000), seed:int=0)->tuple:
-    "Rows: recall@K of held-out applies and hires for each negative strategy and baseline; the KL; trained models."
+    "Rows: recall@K of held-out applies and hires for each negative strategy and baseline; trained models."
     mc, jc = tower_cards(T, w.m_skills, "member"), tower_cards(T, w.j_skills, "job")
     pairs, kmax, models, tops = (apps["member_id"].to_numpy(), apps["job_id"].to_numpy()), max(ks), {}, {}
     def fit(name, frac, hard=None, init=None):
@@ -539,8 +543,7 @@ def ebr_arm(w, T:Templates, apps:pl.DataFrame, imps:pl.DataFrame, test:pl.DataFr
         fit(f"hard{h or 'all'}", curriculum_from, h or batch - 1 + n_easy(curriculum_from, batch), models[base])
     tops |= baseline_topk(w, T, members, imps, apps, kmax, seed)
     data = dict(train_apps=len(apps), test_applies=len(test), test_hires=int(test["hired"].sum()))
-    rows = [dict(method=w.cfg.exposure, metric="inbatch_kl", value=inbatch_kl(pairs[1], w.cfg.n_jobs, seed=seed))]
-    rows += [dict(method="data", metric=k, value=v) for k, v in data.items()]
+    rows = [dict(method="data", metric=k, value=v) for k, v in data.items()]
     return rows + table1_rows(tops, test, members, ks), models
 
 # %% ../nbs/retrieval/41_jobs.ipynb #0e13876b
@@ -568,6 +571,28 @@ def mix_arm(w, T:Templates, model:TwoTower, ls:LinkSet, members, test:pl.DataFra
     rows += [dict(method=n, metric=f"mix_hire_recall@{k}", value=recall_at_ks(t, r, h["job_id"].to_numpy(), [k])[k])
              for n, t in tops.items()]
     return rows
+
+# %% ../nbs/retrieval/41_jobs.ipynb
+def bias_arm(worlds:dict, # exposure name -> world (the same entities, different logging policies)
+             T:Templates, test:pl.DataFrame, members, n_impressions:int, test_frac:float=0.3, dim:int=32,
+             batch:int=128, steps:int=80, lr:float=0.01, k:int=100, seed:int=0)->list:
+    "Recall@k of in-batch towers trained on each log, on the unbiased test and on the sourced log's later part."
+    splits = {e: time_split(w.job_impressions(n_impressions).filter(pl.col("apply") == 1), test_frac)
+              for e, w in worlds.items()}
+    src = splits["sourced"][1].filter(pl.col("member_id").is_in(list(map(int, members))))
+    w0, rows, r_of = worlds["sourced"], [], np.searchsorted(np.asarray(members), src["member_id"].to_numpy())
+    for e, (tr, _) in splits.items():
+        torch.manual_seed(seed); mod = TwoTower(tower_cards(T, w0.m_skills), tower_cards(T, w0.j_skills, "job"), dim)
+        train_two_tower(mod, (tr["member_id"].to_numpy(), tr["job_id"].to_numpy()), steps=steps, batch=batch, lr=lr,
+                        seed=seed)
+        with torch.no_grad(): top = faiss_topk(mod.members(torch.as_tensor(members)), mod.jobs(), k)
+        u = table1_rows({"m": top}, test, members, (k,))[0]["value"]
+        s = recall_at_ks(top, r_of, src["job_id"].to_numpy(), [k])[k]
+        rows += [dict(method=f"{e}_train", metric=f"sb_uniform_test@{k}", value=u),
+                 dict(method=f"{e}_train", metric=f"sb_sourced_test@{k}", value=s),
+                 dict(method=f"{e}_train", metric="bias_gap", value=s - u),
+                 dict(method=f"{e}_exposure", metric="exposure_kl", value=inbatch_kl(tr["job_id"], w0.cfg.n_jobs))]
+    return rows + [dict(method="data", metric="sourced_test_applies", value=len(src))]
 
 # %% ../nbs/retrieval/41_jobs.ipynb #54e5d2fb
 def bench_pass(ix:Index, Q:torch.Tensor, m:torch.Tensor, k:int=10, repeats:int=3)->list:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from lipapers.jobs import (LinkSet, Templates, _combos, batch_softmax_loss, budget_utilization, hybrid_search,
                            learn_links, link_retrieve, link_scores, meta_links, n_easy, recall_at_ks, faiss_topk,
-                           train_two_tower, TwoTower, tower_cards)
+                           train_two_tower, TwoTower, tower_cards, inbatch_kl, balance_log, job_world)
 from lipapers.linr import C, Index, SCHEMA, filter_for_pass_rate, oracle_topk, synthetic_items
 
 
@@ -171,3 +171,37 @@ def test_two_tower_learns_a_planted_pairing():
     with torch.no_grad(): top = faiss_topk(model.members(torch.arange(n)), model.jobs(), 5)
     assert losses[-1] < losses[0]
     assert recall_at_ks(top, np.arange(n), np.arange(n), [5])[5] > 0.5
+
+
+@pytest.mark.parametrize("n_jobs,n", [(7, 50), (300, 20_000), (1000, 3000)])
+def test_inbatch_kl_against_scipy_and_limits(n_jobs, n):
+    from scipy.stats import entropy
+    j = np.random.default_rng(n_jobs).zipf(1.3, n) % n_jobs
+    c = np.bincount(j, minlength=n_jobs)
+    want = np.log(n_jobs) - entropy(c) - ((c > 0).sum() - 1) / (2 * n)  # KL = log N − (plug-in H + (K − 1)/2n)
+    assert inbatch_kl(j, n_jobs) == pytest.approx(want, abs=1e-9)
+    assert inbatch_kl(np.zeros(5, int), n_jobs) == pytest.approx(np.log(n_jobs))  # all on one job: log N
+    u = np.random.default_rng(1).integers(0, n_jobs, 50 * n_jobs)  # uniform applies: the corrected KL is ≈ 0
+    assert abs(inbatch_kl(u, n_jobs)) < 0.01
+
+
+def test_balance_log_flattens_the_marginal_and_keeps_rows():
+    rng = np.random.default_rng(0)
+    j = rng.zipf(1.5, 30_000) % 200
+    apps = pl.DataFrame(dict(member_id=np.arange(len(j)), job_id=j, hired=np.zeros(len(j), np.int8)))
+    b = balance_log(apps, seed=1)
+    assert len(b) == len(apps) and set(b["member_id"].to_list()) <= set(apps["member_id"].to_list())
+    assert (b.join(apps, on="member_id")["job_id_right"] == b["job_id"]).all()  # rows are copies, not new pairs
+    cb, ca = np.bincount(b["job_id"], minlength=200), np.bincount(j, minlength=200)
+    assert set(np.flatnonzero(cb)) <= set(np.flatnonzero(ca))
+    assert inbatch_kl(b["job_id"], 200) < 0.05 < 0.5 < inbatch_kl(j, 200)
+    assert b.equals(balance_log(apps, seed=1))
+
+
+def test_job_world_controls():
+    from lipapers.world import WorldConfig
+    w = job_world("links", "negative", 0, 200, 200)
+    assert w.cfg.hire_skill == 0 and w.cfg.hire_seniority == 0 and w.cfg.exposure == "sourced"
+    u = job_world("ebr", "positive", 0, 200, 200, "uniform")
+    assert u.cfg.exposure == "uniform" and u.cfg.hire_skill == WorldConfig().hire_skill
+    assert np.array_equal(u.j_ind, w.j_ind) and np.array_equal(u.m_skills, w.m_skills)  # same entities
