@@ -87,7 +87,5 @@ def test_result_files_carry_provenance_and_no_temporary_paths(f):
     df = pl.read_parquet(f)
     text = df.select(pl.col(pl.Utf8)).unique().write_csv() if df.select(pl.col(pl.Utf8)).width else ""
     assert not DEBRIS.search(text), f"{f.name}: a string column holds a temporary path"
-    if f.stem in {"alphapo"}:
-        pytest.skip(f"{f.stem}: results committed before provenance columns; refreshed by its second pass")
     missing = {"run_id", "device", "git_commit"} - set(df.columns)
     assert not missing, f"{f.name}: rows lack {sorted(missing)}"
