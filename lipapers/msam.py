@@ -20,7 +20,7 @@ __all__ = ['PLAYS', 'ARMS', 'LOSS_LEVELS', 'SAM', 'closure_for', 'MicroBatchSAM'
            'add_label_noise', 'play_lines', 'make_task', 'make_optimizer', 'arm_m', 'parse_arms', 'arm_rhos',
            'arm_optimizer', 'evaluate', 'train_arm', 'matched_level', 'at_level', 'flatness', 'curve_rows',
            'final_rows', 'flatness_rows', 'step_costs', 'cost_rows', 'distributed_timing', 'curve_figure', 'best_rho',
-           'arm_table']
+           'arm_table', 'by_m', 'vs_m_figure']
 
 # %% ../nbs/optim/50_msam.ipynb #98388b35
 def _check_rho(rho):
@@ -702,3 +702,22 @@ def arm_table(frame, metrics:list, digits:int=2)->"pl.DataFrame":
     order = {a: i for i, a in enumerate(ARMS)}
     key = pl.col("method").map_elements(lambda a: order.get(a.split("_")[0], 99), return_dtype=pl.Int64)
     return t.sort(key, "method").select("method", *[m for m in metrics if m in t.columns], "n")
+
+# %% ../nbs/optim/50_msam.ipynb #cd29cbf8
+def by_m(frame, metric:str)->"pl.DataFrame":
+    "(seed, arm, m, value) rows of `metric` for the arms in `ARMS` (m = 0 for SGD), sorted by seed and m."
+    import polars as pl
+    d = frame.filter((pl.col("metric") == metric) & pl.col("method").is_in(list(ARMS)))
+    m = pl.col("method").map_elements(arm_m, return_dtype=pl.Int64)
+    return d.select("seed", pl.col("method").alias("arm"), m.alias("m"), "value").sort("seed", "m")
+
+# %% ../nbs/optim/50_msam.ipynb #0cf5cd63
+def vs_m_figure(frame, metric:str, title:str="", log:bool=False)->"go.Figure":
+    "One line per seed through the arms in order of m (SGD, SAM, mSAM m = ...): paired differences made visible."
+    import polars as pl, plotly.graph_objects as go
+    d, fig = by_m(frame, metric), go.Figure()
+    for s in d["seed"].unique().sort():
+        e = d.filter(pl.col("seed") == s)
+        fig.add_trace(go.Scatter(x=e["arm"], y=e["value"], mode="lines+markers", name=f"seed {s}"))
+    return fig.update_layout(title=title, yaxis_title=metric, yaxis_type="log" if log else "linear",
+                             height=350, width=650)

@@ -27,6 +27,7 @@ from lipapers.msam import (
     at_level,
     batch_order,
     best_rho,
+    by_m,
     closure_for,
     cost_rows,
     curve_rows,
@@ -46,6 +47,7 @@ from lipapers.msam import (
     step_costs,
     train_arm,
     train_msam_single,
+    vs_m_figure,
 )
 
 F64 = dict(rtol=1e-12, atol=1e-12)
@@ -221,7 +223,7 @@ def test_distributed_two_ranks_equal_single_process_m2():
     spec = dict(X=X, Y=Y, order=batch_order(64, 16, 2, seed=0), sizes=(6, 8, 3), seed=0, rho=0.1, lr=0.1,
                 momentum=0.9, dtype=torch.float64)
     single2, single1 = train_msam_single(spec, 2), train_msam_single(spec, 1)  # one thread, like the ranks
-    dist2 = spawn_msam(spec, world_size=2, timeout=90)
+    dist2 = spawn_msam(spec, world_size=2, timeout=600)  # generous: two fresh interpreters on a loaded machine
     assert len(dist2["losses"]) == len(single2["losses"]) == 8
     torch.testing.assert_close(torch.tensor(dist2["losses"]), torch.tensor(single2["losses"]), **F64)
     for p, q in zip(dist2["params"], single2["params"]):
@@ -441,3 +443,18 @@ def test_best_rho_and_arm_table():
     t = arm_table(f, ["val_acc"])
     assert t["method"].to_list() == ["sgd", "sam", "msam16"] and t["n"].to_list() == [1, 3, 2]
     assert t.filter(pl.col("method") == "sam")["val_acc"].item() == "70.33 ± 1.53"
+
+
+def test_by_m_orders_arms_by_m_and_drops_non_arms():
+    import polars as pl
+
+    arms = ["msam16", "sgd", "msam4_vmap", "sam", "msam4", "sgd", "msam4"]
+    f = pl.DataFrame(dict(seed=[1, 1, 1, 1, 0, 0, 1], method=arms,
+                          metric=["lambda_max_matched"] * 6 + ["test_acc"],
+                          value=[3.0, 15.0, 9.0, 4.0, 2.5, 14.0, 80.0]))
+    d = by_m(f, "lambda_max_matched")
+    assert d.rows() == [(0, "sgd", 0, 14.0), (0, "msam4", 4, 2.5), (1, "sgd", 0, 15.0), (1, "sam", 1, 4.0),
+                        (1, "msam16", 16, 3.0)]  # the vmap timing arm and the other metric are left out
+    fig = vs_m_figure(f, "lambda_max_matched", log=True)
+    assert [t.name for t in fig.data] == ["seed 0", "seed 1"] and list(fig.data[1].x) == ["sgd", "sam", "msam16"]
+    assert fig.layout.yaxis.type == "log"
