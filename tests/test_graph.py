@@ -2,6 +2,7 @@
 minimizer, a brute-force glasso on p = 3, monotone objective, the nonparanormal estimator against Pearson, edge metrics
 against networkx, network/moral-graph counts, bad inputs."""
 import importlib.util
+import warnings
 
 import networkx as nx
 import numpy as np
@@ -208,7 +209,7 @@ def test_high_counts_reach_the_fixed_point_and_old_rule_stops_early():
     fit = G.iggl(Y, "poisson", lam=0.04, max_iter=200, tol=1e-4)
     assert fit.converged and fit.n_iter < 200 and fit.residual <= 1e-4
     assert _em_map(Y, fit) <= 1e-4  # recomputed independently of the loop's bookkeeping
-    old = G.iggl(Y, "poisson", lam=0.04, max_iter=200, tol=1e-5, center=False, stop="objective")
+    old = G.iggl(Y, "poisson", lam=0.04, max_iter=200, tol=1e-5, center=False, stop="objective", expand=False)
     assert old.converged and old.n_iter <= 10  # the old rule fires after a few iterations ...
     assert _em_map(Y, old) > 10 * 1e-4  # ... far from its fixed point
     assert fit.objective[-1] < old.objective[-1]  # and the converged fit has the lower (R1)
@@ -217,7 +218,7 @@ def test_high_counts_reach_the_fixed_point_and_old_rule_stops_early():
 def test_center_step_never_increases_the_objective():
     Y, _, _ = G.simulate_latent_graph("chain", 80, "poisson", 1.0, 1, p=6)
     loss, lam = G.make_loss("poisson"), 0.05
-    fit = G.iggl(Y, "poisson", lam=lam, max_iter=3, center=False, stop="objective")
+    fit = G.iggl(Y, "poisson", lam=lam, max_iter=3, center=False, stop="objective", expand=False)
     M = fit.B + np.random.default_rng(0).normal(0.3, 0.1, fit.B.shape[1])  # column means away from 0
     a2, M2 = G.center_step(fit.alpha - 0.3, M)
     np.testing.assert_allclose(a2[None] + M2, fit.alpha - 0.3 + M, atol=1e-12)  # θ = α + b unchanged
@@ -234,3 +235,72 @@ def test_cap_is_reported_not_silent():
     assert est.info["em_unconverged"] == 1 and est.info["em_residual"] == fit.residual
     with pytest.raises(ValueError, match="stop must be one of"):
         G.iggl(Y, "poisson", stop="gap")
+
+
+def _reference_state(Y, loss, lam, Om):
+    "Brute-force reference: minimize (R1) over (α, M, V) with Ω fixed (convex there), L-BFGS from α = 0, M = 0, V = I."
+    n, p = Y.shape
+    tri = np.tril_indices(p)
+
+    def unpack(x):
+        a, M = x[:p], x[p:p + n * p].reshape(n, p)
+        L = np.zeros((n, p, p)); L[:, tri[0], tri[1]] = x[p + n * p:].reshape(n, -1)
+        return a, M, L
+
+    def f(x):
+        a, M, L = unpack(x)
+        V = L @ L.transpose(0, 2, 1)
+        _, g, h = loss.moments(Y, a + M, np.diagonal(V, axis1=1, axis2=2))
+        gL = (h[:, :, None] * np.eye(p) + Om) @ L - np.linalg.inv(L).transpose(0, 2, 1)
+        return G.iggl_objective(Y, loss, lam, a, M, V, Om), np.concatenate([g.sum(0), (g + M @ Om).ravel(),
+                                                                             gL[:, tri[0], tri[1]].ravel()])
+
+    x0 = np.concatenate([np.zeros(p + n * p), np.broadcast_to(np.eye(p)[tri], (n, len(tri[0]))).ravel()])
+    r = minimize(f, x0, jac=True, method="L-BFGS-B", options=dict(maxiter=5000, gtol=1e-9, ftol=1e-14))
+    a, M, L = unpack(r.x)
+    return a, M, L @ L.transpose(0, 2, 1), r.fun
+
+
+@pytest.mark.parametrize("family,channel,b0", [("bernoulli", "bernoulli", 0.0), ("poisson", "poisson", -0.7)])
+def test_converged_fit_is_stationary_against_scipy_reference(family, channel, b0):
+    "KKT of (R1): given the fit's Ω, scipy's minimum over (α, M, V) from a neutral start is the fit's state; Ω is glasso(S)."
+    Y, _, _ = G.simulate_latent_graph("chain", 40, channel, b0, 2, p=3, latent_sd=1.5)
+    loss, lam = G.make_loss(family), 0.05
+    with warnings.catch_warnings():  # binary: the state is stationary long before M's relative change is < tol
+        warnings.simplefilter("ignore", G.IgglConvergenceWarning)
+        fit = G.iggl(Y, family, lam=lam, max_iter=200, tol=1e-5)
+    a, M, V, F = _reference_state(Y, loss, lam, fit.precision)
+    assert fit.objective[-1] <= F + 1e-6 * abs(F)  # no lower point of (R1) in (α, M, V) given Ω
+    np.testing.assert_allclose(fit.alpha, a, atol=1e-3)
+    np.testing.assert_allclose(fit.B, M, atol=1e-3)
+    np.testing.assert_allclose(fit.V, V, atol=1e-3)
+    ref = graphical_lasso(fit.S, alpha=lam, max_iter=1000, tol=1e-10)[1]  # Ω-block: glasso at a tight tolerance
+    np.testing.assert_allclose(fit.precision, ref, atol=2e-3)
+    kkt = G.stationarity(Y, fit)
+    assert max(kkt["alpha"], kkt["M"], kkt["V"]) < 1e-3 and kkt["omega"] < 0.05, kkt  # as the state tolerance
+
+
+def test_scale_step_leaves_the_prior_invariant_and_never_increases_the_objective():
+    Y, _, _ = G.simulate_latent_graph("hub", 90, "bernoulli", 0.0, 3, p=6, latent_sd=1.5)
+    loss, lam = G.make_loss("bernoulli"), 0.05
+    fit = G.iggl(Y, "bernoulli", lam=lam, max_iter=5, expand=False)
+    a, M, V, Om = fit.alpha, fit.B, fit.V, fit.precision
+    c = np.random.default_rng(0).uniform(0.5, 2.0, 6)
+    prior = lambda M, V, Om: G.iggl_objective(Y, loss, 0.0, a, M, V, Om) - loss.moments(
+        Y, a + M, np.diagonal(V, axis1=1, axis2=2), grad=False).sum()  # (R1) without E ℓ and without the penalty
+    np.testing.assert_allclose(prior(M * c, V * np.outer(c, c), Om / np.outer(c, c)), prior(M, V, Om), rtol=1e-10)
+    Ms, Vs, Os, cs = G.scale_step(Y, loss, lam, a, M, V, Om)
+    assert G.iggl_objective(Y, loss, lam, a, Ms, Vs, Os) <= G.iggl_objective(Y, loss, lam, a, M, V, Om)
+    assert np.abs(np.log(cs)).max() > 1e-3  # it moves: plain EM is slow in exactly this direction
+
+
+def test_scale_step_removes_the_binary_slow_mode():
+    "Binary data: with the scale step the EM converges in far fewer iterations and to a lower (R1) than plain EM's cap."
+    Y, _, _ = G.simulate_latent_graph("chain", 150, "bernoulli", 0.0, 0, p=8, latent_sd=1.5)
+    px = G.iggl(Y, "bernoulli", lam=0.05, max_iter=300)
+    with pytest.warns(G.IgglConvergenceWarning):
+        em = G.iggl(Y, "bernoulli", lam=0.05, max_iter=px.n_iter, expand=False)
+    assert px.converged and not em.converged
+    assert px.objective[-1] < em.objective[-1]
+    assert np.all(np.diff(px.objective) <= 1e-9 * np.abs(px.objective[:-1]))
+    assert G.stationarity(Y, px)["kkt"] < G.stationarity(Y, em)["kkt"]
