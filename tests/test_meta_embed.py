@@ -172,3 +172,23 @@ def test_bad_input():
     E = me.meta_embeddings(m, t)
     with pytest.raises(ValueError, match=r"unknown member ids \[9\]"):
         me.serve(m, E, [0, 9], t.qx[:2, 0])
+
+
+def test_degenerate_buckets_get_no_auc_row_by_rule(world_tasks):
+    "A bucket with one label class is not scored (rule in `scorable`); a constant scorer reads 0.5 and is kept."
+    _, _, t = world_tasks
+    assert me.scorable([0, 1]) and not me.scorable([1, 1, 1]) and not me.scorable([0]) and not me.scorable([])
+    t2 = t[torch.arange(len(t))]
+    mask = t2.qm.bool()
+    no_click = ~((t2.qy * mask).sum(1) > 0)          # members without a query click form a one-class bucket
+    assert no_click.any() and (~no_click).any()
+    t2.bucket = np.where(no_click.numpy(), "sparse", "heavy")
+    p = np.random.default_rng(1).random(t2.qm.shape)
+    a = me.bucket_auc(t2, p)
+    assert "sparse" not in a and "medium" not in a and set(a) == {"all", "heavy"}
+    heavy = mask.numpy() & ~no_click.numpy()[:, None]
+    assert a["heavy"] == pytest.approx(roc_auc_score(t2.qy.numpy()[heavy], p[heavy]), abs=1e-12)
+    assert set(me.bucket_auc(t2, np.zeros(t2.qm.shape)).values()) == {0.5}
+    t2.qy = torch.zeros_like(t2.qy)
+    with pytest.raises(ValueError, match="single class"):
+        me.bucket_auc(t2, p)
