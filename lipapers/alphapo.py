@@ -17,7 +17,8 @@ __all__ = ['POSITIVE', 'NEGATIVE', 'METHODS', 'alpha_reward', 'alphapo_loss', 's
            'speech_prompts', 'response_mask', 'decode_responses', 'sample_responses', 'PrefPairs', 'make_pairs',
            'PrefConfig', 'pair_logps', 'preference_loss', 'train_preference', 'evaluate_policy', 'make_arms',
            'data_stats', 'Baseline', 'baseline_samples', 'run_arm', 'probe_deltas', 'arm_rows', 'displacement_rank',
-           'arm_table']
+           'arm_table', 'BanditConfig', 'token_logp', 'policy_logp', 'Bandit', 'make_bandit', 'bandit_metrics',
+           'bandit_loss', 'train_bandit', 'at_kl', 'bandit_rows']
 
 # %% ../nbs/alignment/20_alphapo.ipynb #617ab190
 _EXP_MAX = 700.0  # float64 exp overflows at ~709.8
@@ -474,3 +475,124 @@ def arm_table(df:pl.DataFrame, # long-format results of one setting, several see
         s = paired_stats(grp["value"].to_numpy())
         rows.append(dict(arm=arm, alpha=grp["alpha"][0], metric=m, n=s.n, mean=s.mean, lo=s.lo, hi=s.hi))
     return pl.DataFrame(rows).sort(pl.col("alpha").fill_nan(-9), "metric")
+
+# %% ../nbs/alignment/20_alphapo.ipynb #ed7cab3d
+@dataclass(frozen=True)
+class BanditConfig:
+    "Shape of the exact bandit."
+    n_prompts:int=50 # prompts x
+    n_responses:int=200 # K fixed responses per prompt
+    n_features:int=8 # d, features per (x, y)
+    min_len:int=5 # shortest response, tokens
+    max_len:int=40 # longest response, tokens
+    noise:float=0.3 # sd of the gold reward's noise ε
+    init_scale:float=0.5 # sd of the reference's weights θ_ref (times 1/sqrt(d))
+    token_logp:float=-1.0 # reference bias: σ(b) = e^token_logp
+    n_pairs:int=2000 # preference pairs
+    bt_tau:float=0.5 # Bradley-Terry annotator temperature τ
+    def __post_init__(self):
+        s = self
+        if min(s.n_prompts, s.n_features, s.n_pairs) < 1 or s.n_responses < 2 or not 1 <= s.min_len <= s.max_len:
+            raise ValueError("need n_prompts, n_features, n_pairs >= 1, n_responses >= 2, "
+                             f"1 <= min_len <= max_len: {s}")
+        if not (s.token_logp < 0 and s.bt_tau > 0 and s.noise >= 0 and s.init_scale >= 0):
+            raise ValueError(f"need token_logp < 0, bt_tau > 0, noise >= 0, init_scale >= 0: {s}")
+
+# %% ../nbs/alignment/20_alphapo.ipynb #47e3ac61
+def token_logp(theta:Tensor, # (d+1,) weights, then the bias b
+               phi:Tensor, # (..., d) features
+              )->Tensor:
+    "ℓ̄_θ = log σ(θᵀφ + b): the per-token log-probability of a response (every token alike)."
+    return F.logsigmoid(phi @ theta[:-1] + theta[-1])
+
+def policy_logp(theta:Tensor, bandit)->Tensor:
+    "(P, K) log π̃_θ(y|x): log-softmax over the K responses of |y|·ℓ̄_θ."
+    return torch.log_softmax(bandit.length * token_logp(theta, bandit.phi), -1)
+
+# %% ../nbs/alignment/20_alphapo.ipynb #5b22f4da
+class Bandit(NamedTuple):
+    phi:Tensor # (P, K, d) features
+    length:Tensor # (P, K) |y|, float64
+    gold:Tensor # (P, K) gold reward g
+    theta0:Tensor # (d+1,) the reference policy
+    pairs:Tensor # (N, 3) prompt, chosen, rejected
+
+def make_bandit(cfg:BanditConfig, seed:int)->Bandit:
+    "A seeded bandit and its preference pairs (two reference draws per pair, labelled by Bradley-Terry on g)."
+    g, P, K, d, dt = torch.Generator().manual_seed(seed), cfg.n_prompts, cfg.n_responses, cfg.n_features, torch.float64
+    phi = torch.randn(P, K, d, generator=g, dtype=dt)
+    length = torch.randint(cfg.min_len, cfg.max_len + 1, (P, K), generator=g).to(dt)
+    w_star = torch.randn(d, generator=g, dtype=dt) / math.sqrt(d)
+    gold = phi @ w_star + cfg.noise * torch.randn(P, K, generator=g, dtype=dt)
+    bias = torch.tensor([cfg.token_logp - math.log(-math.expm1(cfg.token_logp))], dtype=dt)  # logit(e^token_logp)
+    theta0 = torch.cat([cfg.init_scale * torch.randn(d, generator=g, dtype=dt) / math.sqrt(d), bias])
+    b = Bandit(phi, length, gold, theta0, torch.empty(0, 3, dtype=torch.long))
+    x = torch.randint(0, P, (cfg.n_pairs,), generator=g)
+    y = torch.multinomial(policy_logp(theta0, b).exp()[x], 2, replacement=False, generator=g)
+    g1, g2 = gold[x, y[:, 0]], gold[x, y[:, 1]]
+    first = torch.rand(cfg.n_pairs, generator=g, dtype=dt) < torch.sigmoid((g1 - g2) / cfg.bt_tau)
+    chosen, rejected = torch.where(first, y[:, 0], y[:, 1]), torch.where(first, y[:, 1], y[:, 0])
+    return b._replace(pairs=torch.stack([x, chosen, rejected], 1))
+
+# %% ../nbs/alignment/20_alphapo.ipynb #7f8dfe27
+def bandit_metrics(theta:Tensor, bandit:Bandit, win:bool=True)->dict:
+    "Exact gold, KL(π̃_θ‖π̃_ref), mean length, win rate vs π̃_ref (K² terms/prompt; `win=False` skips it), pairs' ℓ̄."
+    lq, lr = policy_logp(theta, bandit), policy_logp(bandit.theta0, bandit)
+    q, r, g = lq.exp(), lr.exp(), bandit.gold
+    beats = (g.unsqueeze(2) > g.unsqueeze(1)).to(q.dtype) + 0.5 * (g.unsqueeze(2) == g.unsqueeze(1)).to(q.dtype)
+    x, c, j = bandit.pairs.T
+    return dict(gold=(q * g).sum(-1).mean().item(), kl=(q * (lq - lr)).sum(-1).mean().item(),
+                length=(q * bandit.length).sum(-1).mean().item(),
+                win=torch.einsum("pk,pl,pkl->p", q, r, beats).mean().item() if win else float("nan"),
+                chosen=token_logp(theta, bandit.phi[x, c]).mean().item(),
+                rejected=token_logp(theta, bandit.phi[x, j]).mean().item())
+
+# %% ../nbs/alignment/20_alphapo.ipynb #e5233a97
+def bandit_loss(theta:Tensor, bandit:Bandit, cfg:PrefConfig,
+                flip:Tensor|None=None, # (N,) bool: swap chosen and rejected of these pairs (the coin-flip control)
+               )->Tensor:
+    "Mean preference loss of `cfg` over all pairs: ℓ̄ as the mean, |y|·ℓ̄ as the summed log-prob (reference at θ_ref)."
+    x, c, j = bandit.pairs.T
+    if flip is not None: c, j = torch.where(flip, j, c), torch.where(flip, c, j)
+    Lw, Ll, phw, phl = bandit.length[x, c], bandit.length[x, j], bandit.phi[x, c], bandit.phi[x, j]
+    with torch.no_grad(): ref = (Lw * token_logp(bandit.theta0, phw), Ll * token_logp(bandit.theta0, phl))
+    mw, ml = token_logp(theta, phw), token_logp(theta, phl)
+    return preference_loss(cfg, SeqLogprobs(Lw * mw, mw, Lw), SeqLogprobs(Ll * ml, ml, Ll), *ref)[0].mean()
+
+def train_bandit(bandit:Bandit, cfg:PrefConfig, lr:float=0.01, n_steps:int=300, every:int=3,
+                 flip:Tensor|None=None)->list[dict]:
+    "Full-batch Adam on `bandit_loss`; exact `bandit_metrics` at step 0 and every `every` steps (win rate at the end)."
+    th = bandit.theta0.clone().requires_grad_(True); opt = torch.optim.Adam([th], lr=lr)
+    log = [dict(step=0, **bandit_metrics(bandit.theta0, bandit))]
+    for s in range(1, n_steps + 1):
+        loss = bandit_loss(th, bandit, cfg, flip)
+        opt.zero_grad(); loss.backward(); opt.step()
+        if s % every == 0 or s == n_steps: log.append(dict(step=s, **bandit_metrics(th.detach(), bandit, s == n_steps)))
+    return log
+
+# %% ../nbs/alignment/20_alphapo.ipynb #66003944
+def at_kl(log:list[dict], kl:float, key:str="gold")->float:
+    "`key` where the trajectory's KL first reaches `kl` (linear interpolation); NaN if it never does."
+    if not kl > 0: raise ValueError(f"kl must be > 0, got {kl}")
+    k, v = np.array([r["kl"] for r in log]), np.array([r[key] for r in log])
+    i = int(np.argmax(k >= kl))
+    if k[i] < kl: return float("nan")
+    return float(v[i - 1] + (v[i] - v[i - 1]) * (kl - k[i - 1]) / (k[i] - k[i - 1])) if i else float(v[0])
+
+# %% ../nbs/alignment/20_alphapo.ipynb #41ae7cdf
+def bandit_rows(cfg:BanditConfig, seed:int, arms:dict, kl:float, lr:float, n_steps:int, every:int=3)->list[dict]:
+    "One seed: every arm plus SimPO on coin-flip labels (negative control) and the oracle (headroom), as metric rows."
+    b = make_bandit(cfg, seed); g0 = bandit_metrics(b.theta0, b)["gold"]
+    flip = torch.rand(len(b.pairs), generator=torch.Generator().manual_seed(seed + 1)) < 0.5
+    logs = {n: train_bandit(b, a, lr, n_steps, every) for n, a in arms.items()}
+    logs["SimPO coin-flip labels"] = train_bandit(b, PrefConfig("simpo", 0.0, 2.5, 0.1), lr, n_steps, every, flip)
+    rows = [dict(method="oracle", metric="headroom", value=b.gold.max(-1).values.mean().item() - g0, bseed=seed)]
+    for n, log in logs.items():
+        end, start = log[-1], log[0]
+        vals = dict(gold_gain_at_kl=at_kl(log, kl) - g0, len_at_kl=at_kl(log, kl, "length"), kl_end=end["kl"],
+                    gold_gain_end=end["gold"] - g0, win_end=end["win"], chosen_shift=end["chosen"] - start["chosen"],
+                    rejected_shift=end["rejected"] - start["rejected"])
+        rows += [dict(method=n, metric=k, value=v, bseed=seed) for k, v in vals.items()]
+        rows += [dict(method=n, metric=f"traj_{k}", value=r[k], bseed=seed, step=r["step"])
+                 for r in log for k in ("gold", "kl", "chosen", "rejected")]
+    return rows

@@ -458,3 +458,72 @@ def test_claims_read_the_committed_results():
     run = t.filter(t["verdict"] != "not run")
     assert (run["n"] >= 2).all()                                    # every measured claim pairs ≥ 2 seeds
     assert all(len(r.split(", ")) == n for r, n in zip(run["runs"], run["n"]))  # one run per seed
+
+
+# ---- the exact bandit ----
+from lipapers.alphapo import (BanditConfig, make_bandit, token_logp, policy_logp, bandit_metrics, bandit_loss,
+                              train_bandit, at_kl, bandit_rows)
+
+SMALL_BANDIT = BanditConfig(n_prompts=7, n_responses=13, n_features=3, min_len=2, max_len=9, n_pairs=60)
+
+
+@pytest.mark.parametrize("cfg", [PrefConfig("dpo", 0.0, 0.1, 0.0), PrefConfig("simpo", 0.0, 2.5, 0.1),
+                                 PrefConfig("alphapo", 0.25, 2.5, 0.1), PrefConfig("alphapo", -1.0, 2.5, 0.1)],
+                         ids=["dpo", "simpo", "alpha0.25", "alpha-1"])
+def test_bandit_loss_gradient_matches_finite_differences(cfg):
+    b = make_bandit(SMALL_BANDIT, 3)
+    th = (b.theta0 + 0.3 * torch.randn(len(b.theta0), generator=torch.Generator().manual_seed(0),
+                                        dtype=torch.float64)).requires_grad_(True)
+    bandit_loss(th, b, cfg).backward()
+    eps, fd = 1e-6, torch.zeros_like(th)
+    for i in range(len(th)):
+        e = torch.zeros_like(th); e[i] = eps
+        fd[i] = (bandit_loss(th.detach() + e, b, cfg) - bandit_loss(th.detach() - e, b, cfg)) / (2 * eps)
+    torch.testing.assert_close(th.grad, fd, rtol=1e-6, atol=1e-8)  # float64 central differences
+
+
+def test_bandit_alpha_to_zero_is_simpo():
+    b = make_bandit(SMALL_BANDIT, 1)
+    a = train_bandit(b, PrefConfig("alphapo", 1e-9, 2.5, 0.1), n_steps=20, every=5)
+    s = train_bandit(b, PrefConfig("simpo", 0.0, 2.5, 0.1), n_steps=20, every=5)
+    for ra, rs in zip(a, s):
+        for k in ("gold", "kl", "chosen", "rejected"): assert ra[k] == pytest.approx(rs[k], rel=1e-7, abs=1e-10)
+
+
+def test_bandit_exact_kl_and_win_match_monte_carlo():
+    b = make_bandit(SMALL_BANDIT, 2)
+    th = b.theta0 + torch.tensor([0.8, -0.5, 0.3, 0.4], dtype=torch.float64)
+    m = bandit_metrics(th, b)
+    lq, lr = policy_logp(th, b), policy_logp(b.theta0, b)
+    g = torch.Generator().manual_seed(0); n = 20000
+    y = torch.multinomial(lq.exp(), n, replacement=True, generator=g)       # (P, n) draws from π̃_θ
+    y0 = torch.multinomial(lr.exp(), n, replacement=True, generator=g)      # (P, n) draws from π̃_ref
+    kl_s = (lq.gather(1, y) - lr.gather(1, y)).mean(0)                       # per draw, averaged over prompts
+    gy, g0 = b.gold.gather(1, y), b.gold.gather(1, y0)
+    win_s = ((gy > g0).double() + 0.5 * (gy == g0).double()).mean(0)
+    for exact, s in ((m["kl"], kl_s), (m["win"], win_s)):
+        assert abs(s.mean().item() - exact) < 3 * s.std().item() / math.sqrt(n), (exact, s.mean().item())
+    assert m["kl"] > 0.05  # the check is not trivially at θ_ref
+
+
+def test_bandit_is_seeded_and_the_reference_sits_near_minus_one():
+    a, b = make_bandit(BanditConfig(), 5), make_bandit(BanditConfig(), 5)
+    assert torch.equal(a.pairs, b.pairs) and torch.equal(a.gold, b.gold)
+    assert not torch.equal(a.pairs, make_bandit(BanditConfig(), 6).pairs)
+    x, c, _ = a.pairs.T
+    assert -1.3 < token_logp(a.theta0, a.phi[x, c]).mean().item() < -0.5
+
+
+def test_bandit_rows_pair_arms_by_seed_and_include_controls():
+    arms = {"SimPO": PrefConfig("simpo", 0.0, 2.5, 0.1), "AlphaPO α=0.25": PrefConfig("alphapo", 0.25, 2.5, 0.1)}
+    rows = bandit_rows(SMALL_BANDIT, 0, arms, kl=0.05, lr=0.05, n_steps=30, every=3)
+    methods = {r["method"] for r in rows}
+    assert methods == {"oracle", "SimPO", "AlphaPO α=0.25", "SimPO coin-flip labels"}
+    gain = {r["method"]: r["value"] for r in rows if r["metric"] == "gold_gain_at_kl"}
+    assert gain["SimPO"] > 0 and all(math.isfinite(v) for v in gain.values())
+
+
+def test_bandit_bad_input():
+    with pytest.raises(ValueError, match="n_responses >= 2"): BanditConfig(n_responses=1)
+    with pytest.raises(ValueError, match="token_logp < 0"): BanditConfig(token_logp=0.5)
+    with pytest.raises(ValueError, match="kl must be > 0"): at_kl([dict(kl=0.0, gold=0.0)], 0.0)
