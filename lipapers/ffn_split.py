@@ -512,10 +512,13 @@ def log_arm(rec, arm:str, errs:list, ppl:float|None, recs:list|None=None, **kw):
                                                                                                 for r in recs), **kw)
 
 # %% ../nbs/llm/13_ffn_split.ipynb #4328e43b
-def gold_accuracy(model:nn.Module, tok, n:int=32, seed:int=0)->float:
-    "Mean `lipapers.tasks` gold reward of greedy answers over the string families (held-out test prompts)."
-    from lipapers.tasks import evaluate
-    return float(evaluate(model, tok, n=n, seed=seed)["gold_reward"].mean())
+def gold_accuracy(model:nn.Module, tok, n:int=32, seed:int=0, max_new_tokens:int=16)->float:
+    "Mean `lipapers.tasks` gold reward of greedy answers over the string families (n held-out test prompts each)."
+    from lipapers.tasks import STRING_FAMILIES, examples, gold_reward
+    from lipapers.lm import generate
+    P = [[e.prompt for e in examples(f, n, seed, "test")] for f in STRING_FAMILIES]   # batched per family
+    R = [gold_reward(p, r) for ps in P for p, r in zip(ps, generate(model, tok, ps, max_new_tokens, temperature=0))]
+    return sum(R) / len(R)
 
 # %% ../nbs/llm/13_ffn_split.ipynb #05132095
 def focus_rows(rec, arm:str, cm:nn.Module, extras:dict, seq_len:int=128, **kw):

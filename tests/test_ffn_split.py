@@ -145,3 +145,15 @@ def test_gain_rows():
                            metric="ffn_error", value=v) for r, m, v in
                       [(False, "split", 0.5), (False, "uniform", 1.0), (True, "split", 1.0), (True, "uniform", 1.0)]])
     assert sorted((r["method"], r["value"]) for r in gain_rows(f)) == [("original", 50.0), ("rotated", 0.0)]
+
+
+def test_gold_accuracy_equals_tasks_evaluate():
+    "Greedy-only gold reward equals the mean of lipapers.tasks.evaluate's per-family gold reward (same prompts)."
+    from lipapers.ffn_split import gold_accuracy
+    from lipapers.lm import pretrained
+    from lipapers.tasks import evaluate
+    model, tok, _ = pretrained("tiny", progress=False)
+    model.eval()
+    for n, seed in ((3, 0), (2, 5)):
+        ref = float(evaluate(model, tok, n=n, seed=seed, max_new_tokens=8)["gold_reward"].mean())
+        assert abs(gold_accuracy(model, tok, n=n, seed=seed, max_new_tokens=8) - ref) < 1e-12
