@@ -20,7 +20,7 @@ from .world import World, WorldConfig, START_EPOCH, ACTIVITY_BUCKETS
 __all__ = ['TASK_FIELDS', 'OPT_FIELDS', 'SPLITS', 'T_TEST', 'CADENCES', 'MetaBlock', 'GlobalBlock', 'LiMAML', 'limaml', 'Tasks',
            'toy_tasks', 'inner_adapt', 'maml_loss', 'maml_loss_loop', 'fit_limaml', 'check_tasks', 'MetaEmbeddings',
            'meta_embeddings', 'serve', 'adapted_logits', 'day', 'item_features', 'member_attributes', 'task_tensors',
-           'member_tasks', 'support_as_query', 'cat_tasks', 'training_tasks', 'IDModel', 'query_probs', 'scorable',
+           'member_tasks', 'support_as_query', 'cat_tasks', 'training_tasks', 'IDModel', 'scorable', 'query_probs',
            'bucket_auc', 'finetune_per_member', 'feature_baselines', 'make_world', 'run_world', 'world_tasks',
            'step_peak', 'run_ablation', 'refresh_probs', 'run_refresh', 'movielens_tasks', 'run_movielens', 'perf_rows']
 
@@ -348,23 +348,25 @@ class IDModel(nn.Module):
         l = F.binary_cross_entropy_with_logits(self.glob(self.embed(t)[:, None], t.qx), t.qy, reduction="none")
         return ((l * t.qm).sum(1) / t.qm.sum(1).clamp_min(1)).mean()
 
+# %% ../nbs/ranking/35_meta_embed.ipynb #c430240d
+def scorable(y)->bool:
+    "Degenerate-bucket rule: AUC needs ≥ 1 positive and ≥ 1 negative label; a bucket without both gets no row."
+    y = np.asarray(y); return bool((y == 1).any() and (y == 0).any())
+
 # %% ../nbs/ranking/35_meta_embed.ipynb #6cb31262
 @torch.no_grad()
 def query_probs(glob:GlobalBlock, me, t:Tasks)->np.ndarray:
     "Click probabilities (T, Q) of every query slot given each task's ME (T, k)."
     return torch.sigmoid(glob(torch.as_tensor(me)[:, None], t.qx)).numpy()
 
-def scorable(y)->bool:
-    "The degenerate-bucket rule: AUC is defined only for ≥ 1 positive and ≥ 1 negative label; other buckets get no row."
-    y = np.asarray(y); return bool((y == 1).any() and (y == 0).any())
-
 def bucket_auc(t:Tasks, p, buckets=ACTIVITY_BUCKETS)->dict:
-    "AUC (sklearn) over all valid query rows, and per activity bucket that is `scorable` (ties count ½: a constant is 0.5)."
+    "AUC (sklearn) over all valid query rows and per `scorable` activity bucket (ties count ½: a constant is 0.5)."
     from sklearn.metrics import roc_auc_score
     m = t.qm.bool().numpy(); y, p = t.qy.numpy()[m], np.asarray(p)[m]
     b = np.repeat(np.asarray(t.bucket)[:, None], m.shape[1], 1)[m]
     if not scorable(y): raise ValueError("query rows hold a single class: AUC is undefined")
-    return {"all": roc_auc_score(y, p)} | {k: roc_auc_score(y[b == k], p[b == k]) for k in buckets if scorable(y[b == k])}
+    auc = lambda k: roc_auc_score(y[b == k], p[b == k])
+    return {"all": roc_auc_score(y, p)} | {k: auc(k) for k in buckets if scorable(y[b == k])}
 
 # %% ../nbs/ranking/35_meta_embed.ipynb #1a63cdf2
 def finetune_per_member(model:LiMAML, tasks:Tasks, steps:int=5, alpha:float=0.1)->MetaEmbeddings:
