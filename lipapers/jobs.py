@@ -489,7 +489,7 @@ def inbatch_kl(job_ids, n_jobs:int)->float:
     c = np.bincount(np.asarray(job_ids), minlength=n_jobs); n = c.sum(); p = c[c > 0] / n
     return float(np.log(n_jobs) + (p * np.log(p)).sum() - (len(p) - 1) / (2 * n))  # Ĥ = H_plug-in + (K − 1)/2n
 
-# %% ../nbs/retrieval/41_jobs.ipynb
+# %% ../nbs/retrieval/41_jobs.ipynb #ff206348
 def balance_log(apps:pl.DataFrame, seed:int=0)->pl.DataFrame:
     "As many applications, resampled with weight 1 / (applies of their job): a flat applied-job marginal."
     j = apps["job_id"].to_numpy(); w = 1 / np.bincount(j)[j]
@@ -572,7 +572,7 @@ def mix_arm(w, T:Templates, model:TwoTower, ls:LinkSet, members, test:pl.DataFra
              for n, t in tops.items()]
     return rows
 
-# %% ../nbs/retrieval/41_jobs.ipynb
+# %% ../nbs/retrieval/41_jobs.ipynb #1b39bd4c
 def bias_arm(worlds:dict, # exposure name -> world (the same entities, different logging policies)
              T:Templates, test:pl.DataFrame, members, n_impressions:int, test_frac:float=0.3, dim:int=32,
              batch:int=128, steps:int=80, lr:float=0.01, k:int=100, seed:int=0)->list:
