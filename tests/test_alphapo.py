@@ -457,7 +457,10 @@ def test_claims_read_the_committed_results():
     assert v["P1"] == "not run"                                     # SmolLM2 runs are not made here
     run = t.filter(t["verdict"] != "not run")
     assert (run["n"] >= 2).all()                                    # every measured claim pairs ≥ 2 seeds
-    assert all(len(r.split(", ")) == n for r, n in zip(run["runs"], run["n"]))  # one run per seed
+    lm = run.filter(~run["claim"].str.starts_with("B"))
+    assert all(len(r.split(", ")) == n for r, n in zip(lm["runs"], lm["n"]))  # LM sweep: one run per seed
+    bandit = run.filter(run["claim"].str.starts_with("B"))
+    assert len(bandit) == 7 and (bandit["n"] == 30).all() and bandit["runs"].n_unique() == 1  # 30 seeds in one run
 
 
 # ---- the exact bandit ----
