@@ -316,7 +316,7 @@ def train_two_tower(model:TwoTower, pairs:tuple, # (member ids, job ids) of the 
     n = n_easy(easy_frac, batch)
     if hard_k is not None and not 1 <= hard_k <= batch - 1 + n:
         raise ValueError(f"hard_k must be in [1, {batch - 1 + n}] (the negatives per row), got {hard_k}")
-    m_ids, j_ids = (torch.as_tensor(x, dtype=torch.long) for x in pairs)
+    m_ids, j_ids = (torch.tensor(x, dtype=torch.long) for x in pairs)  # a copy: pairs may be read-only views
     g = torch.Generator().manual_seed(seed)
     losses = _steps(model, m_ids, j_ids, g, steps, n, None, lr, batch, temp)
     if hard_k is None or not stage2_steps: return losses
