@@ -348,7 +348,7 @@ class IDModel(nn.Module):
         l = F.binary_cross_entropy_with_logits(self.glob(self.embed(t)[:, None], t.qx), t.qy, reduction="none")
         return ((l * t.qm).sum(1) / t.qm.sum(1).clamp_min(1)).mean()
 
-# %% ../nbs/ranking/35_meta_embed.ipynb #c430240d
+# %% ../nbs/ranking/35_meta_embed.ipynb #d03f6621
 def scorable(y)->bool:
     "Degenerate-bucket rule: AUC needs ≥ 1 positive and ≥ 1 negative label; a bucket without both gets no row."
     y = np.asarray(y); return bool((y == 1).any() and (y == 0).any())
