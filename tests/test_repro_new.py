@@ -82,7 +82,6 @@ def regenerated(proj, tmp_path_factory):
         shutil.copy(proj / f, tmp)
     shutil.copytree(proj / "nbs", tmp / "nbs")
     shutil.copytree(proj / "lipapers", tmp / "lipapers", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(proj / "tests", tmp / "tests")
     for cmd in ("nbdev_export", "nbdev_clean"):
         r = subprocess.run([str(BIN / cmd)], cwd=tmp, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr
@@ -127,13 +126,16 @@ def _claims(root, module):
         os.chdir(cwd)
 
 
-def test_test_skeleton_passes_against_the_exported_module(regenerated):
-    # the regenerated copy ran nbdev_export itself (module-scoped fixtures may be rebuilt per xdist worker, so the
-    # check reads the copy that this fixture exported, not a `proj` that another setup may have replaced)
-    assert (regenerated / "lipapers" / "adam_noise.py").is_file()
-    e = dict(os.environ, PYTHONPATH=str(regenerated))
+def test_test_skeleton_passes_against_the_exported_module(tmp_path):
+    # a project of its own: the module-scoped `proj` can be set up more than once per xdist worker
+    root = project_copy(tmp_path)
+    repro.new_chapter("optim/54_adam_noise", "adam_noise", TITLE, root=root)
+    r = subprocess.run([str(BIN / "nbdev_export")], cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert (root / "lipapers" / "adam_noise.py").is_file()  # exported by nbdev_export in the copy
+    e = dict(os.environ, PYTHONPATH=str(root))
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_adam_noise.py"],
-                       cwd=regenerated, capture_output=True, text=True, env=e, timeout=300)
+                       cwd=root, capture_output=True, text=True, env=e, timeout=300)
     assert r.returncode == 0 and "7 passed" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
 
 
