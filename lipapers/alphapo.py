@@ -585,7 +585,8 @@ def bandit_rows(cfg:BanditConfig, seed:int, arms:dict, kl:float, lr:float, n_ste
     b = make_bandit(cfg, seed); g0 = bandit_metrics(b.theta0, b)["gold"]
     flip = torch.rand(len(b.pairs), generator=torch.Generator().manual_seed(seed + 1)) < 0.5
     logs = {n: train_bandit(b, a, lr, n_steps, every) for n, a in arms.items()}
-    logs["SimPO coin-flip labels"] = train_bandit(b, PrefConfig("simpo", 0.0, 2.5, 0.1), lr, n_steps, every, flip)
+    simpo = arms.get("SimPO", PrefConfig("simpo", 0.0, 2.5, 0.1))  # the control trains the SimPO arm's loss
+    logs["SimPO coin-flip labels"] = train_bandit(b, simpo, lr, n_steps, every, flip)
     rows = [dict(method="oracle", metric="headroom", value=b.gold.max(-1).values.mean().item() - g0, bseed=seed)]
     for n, log in logs.items():
         end, start = log[-1], log[0]
